@@ -1,0 +1,40 @@
+"""dinokit: DINOv2, complete — models with the transformers API, training, evaluation, embedding tools, export."""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names, imported lazily so that `import dinokit` stays cheap and optional extras stay optional.
+_EXPORTS = {
+    "Dinov2Config": "dinokit.config",
+    "Dinov2WithRegistersConfig": "dinokit.config",
+    "DinoVisionTransformer": "dinokit.vision_transformer",
+    "Dinov2PreTrainedModel": "dinokit.hf",
+    "Dinov2Model": "dinokit.hf",
+    "Dinov2WithRegistersModel": "dinokit.hf",
+    "Dinov2ForImageClassification": "dinokit.hf",
+    "Dinov2WithRegistersForImageClassification": "dinokit.hf",
+    "Dinov2Backbone": "dinokit.hf",
+    "Dinov2WithRegistersBackbone": "dinokit.hf",
+    "AutoConfig": "dinokit.auto",
+    "AutoModel": "dinokit.auto",
+    "AutoModelForImageClassification": "dinokit.auto",
+    "AutoBackbone": "dinokit.auto",
+    "load_model": "dinokit.auto",
+    "load_checkpoint": "dinokit.checkpoints",
+    "Dinov2ImageProcessor": "dinokit.processing",
+    "BitImageProcessor": "dinokit.processing",
+    "AutoImageProcessor": "dinokit.processing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dinokit' has no attribute {name!r}")
