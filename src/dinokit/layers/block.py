@@ -1,0 +1,56 @@
+"""Pre-norm transformer block with LayerScale and both stochastic-depth variants."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dinokit.layers.attention import Attention
+from dinokit.layers.drop_path import DropPath, drop_add_residual_stochastic_depth
+from dinokit.layers.layer_scale import LayerScale
+from dinokit.layers.mlp import Mlp, SwiGLUFFN, swiglu_hidden_features
+
+# Above this rate, training drops a random subset of the batch instead of masking samples (training.md §5).
+BATCH_SUBSET_DROP_PATH_ABOVE = 0.1
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_bias: bool = True, ffn_bias: bool = True, drop_path: float = 0.0,
+                 init_values: float | None = None, ffn_layer: str = "mlp", norm_eps: float = 1e-6,
+                 act_layer: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        if ffn_layer == "mlp":
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, bias=ffn_bias)
+        elif ffn_layer in ("swiglu", "swiglufused"):
+            self.mlp = SwiGLUFFN(dim, swiglu_hidden_features(dim, mlp_ratio), bias=ffn_bias)
+        else:
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}: use 'mlp' or 'swiglu'")
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.sample_drop_ratio = drop_path
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def attn_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False, head_mask: torch.Tensor | None = None):
+        if return_attention or head_mask is not None:
+            out, attn = self.attn(self.norm1(x), return_attention=True, head_mask=head_mask)
+            x = x + self.drop_path1(self.ls1(out))
+            x = x + self.drop_path2(self.ffn_residual(x))
+            return (x, attn) if return_attention else x
+        if self.training and self.sample_drop_ratio > BATCH_SUBSET_DROP_PATH_ABOVE:
+            x = drop_add_residual_stochastic_depth(x, self.attn_residual, self.sample_drop_ratio)
+            x = drop_add_residual_stochastic_depth(x, self.ffn_residual, self.sample_drop_ratio)
+            return x
+        x = x + self.drop_path1(self.attn_residual(x))
+        x = x + self.drop_path2(self.ffn_residual(x))
+        return x

@@ -1,0 +1,41 @@
+"""Feed-forward networks: the classic GELU MLP (ViT-S/B/L) and the packed SwiGLU (ViT-g)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def swiglu_hidden_features(dim: int, mlp_ratio: float) -> int:
+    """Meta's SwiGLU width: 2/3 of the MLP width, rounded up to a multiple of 8 (6144 -> 4096 for ViT-g)."""
+    hidden = int(dim * mlp_ratio)
+    return (int(hidden * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLUFFN(nn.Module):
+    """`w3(silu(x1) * x2)` with one fused input projection `w12`; the FIRST half of its output is the gate."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(in_features, 2 * hidden_features, bias=bias)
+        self.w3 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
