@@ -1,0 +1,45 @@
+"""Shared test helpers: small DINOv2 configs with every parameter randomised (so each one matters)."""
+
+from __future__ import annotations
+
+import torch
+
+from dinokit import Dinov2Config, Dinov2WithRegistersConfig
+
+
+def small_config(registers: int = 0, swiglu: bool = False, image_size: int = 518, **kw) -> Dinov2Config:
+    common = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=image_size,
+                  patch_size=14, use_swiglu_ffn=swiglu)
+    common.update(kw)
+    if registers:
+        return Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
+    return Dinov2Config(**common)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter a random, non-trivial value (LayerScale around 1, norms around 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=gen)
+        if name.endswith(("gamma", "lambda1")) or ("norm" in name and name.endswith("weight")):
+            param.copy_(1.0 + 0.1 * noise)
+        elif name.endswith("bias"):
+            param.copy_(0.02 * noise)
+        elif "token" in name or "pos_embed" in name or "position_embeddings" in name:
+            param.copy_(0.5 * noise)
+        else:
+            param.copy_(noise * (param.shape[-1] ** -0.5 if param.dim() > 1 else 0.02))
+    return model
+
+
+def images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a, b) -> float:
+    if isinstance(a, (tuple, list)):
+        assert len(a) == len(b), f"length {len(a)} vs {len(b)}"
+        return max(max_diff(x, y) for x, y in zip(a, b))
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    return (a.float() - b.float()).abs().max().item()
