@@ -39,11 +39,17 @@ def resolve_file(path_or_id: str | os.PathLike, filename: str, *, required: bool
                                 f"such as 'facebook/dinov2-small'.")
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
         raise HubError("huggingface_hub is required to load models by Hub id") from exc
     try:
         return Path(hf_hub_download(text, filename, revision=revision, cache_dir=cache_dir))
+    except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
+        raise HubError(
+            f"Could not reach the Hugging Face Hub for {text!r} ({filename}) and it is not in the local cache. "
+            f"Download the model elsewhere and pass its local directory instead, e.g. "
+            f"from_pretrained('/path/to/{text.split('/')[-1]}'), or copy it into the Hugging Face cache "
+            f"(HF_HUB_OFFLINE=1 then reads it from there).") from None
     except EntryNotFoundError:
         if required:
             raise FileNotFoundError(f"{filename} not found in Hub repo {text!r}.") from None

@@ -90,8 +90,9 @@ class DinoVisionTransformer(nn.Module):
         return self.position_embedding(self.pos_embed, grid_h, grid_w, w, h, self.training)
 
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        B, _, H, W = x.shape
-        x = self.patch_embed(x)
+        pixels = x
+        x = self.patch_embed(x)  # validates the shape first
+        B, _, H, W = pixels.shape
         grid_h, grid_w = x.shape[-2], x.shape[-1]
         x = x.flatten(2).transpose(1, 2)
         if masks is not None:
