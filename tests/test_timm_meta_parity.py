@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import images, max_diff, randomize_, small_config
 
 import dinokit
 from dinokit import checkpoints as ckpt
 from dinokit.checkpoints import load_checkpoint
+
+from helpers import images, max_diff, randomize_, small_config
 
 TOL = 1e-5
 SIZES = [(224, 224), (518, 518), (224, 308)]
@@ -20,7 +21,9 @@ SIZES = [(224, 224), (518, 518), (224, 308)]
 @pytest.mark.parametrize("name,registers", [("vit_small_patch14_dinov2", 0), ("vit_small_patch14_reg4_dinov2", 4)])
 def test_timm_matches_dinokit_on_converted_weights(tmp_path, name, registers):
     timm = pytest.importorskip("timm")
-    theirs = timm.create_model(name, pretrained=False, dynamic_img_size=True, num_classes=0).eval()
+    # timm's DINOv2 recipe (LayerScale, registers, folded class position) at a smaller width and depth
+    small = dict(pretrained=False, dynamic_img_size=True, num_classes=0, embed_dim=128, depth=3, num_heads=2)
+    theirs = timm.create_model(name, **small).eval()
     randomize_(theirs, seed=11)
     path = tmp_path / "timm.pth"
     torch.save(theirs.state_dict(), path)
@@ -33,7 +36,7 @@ def test_timm_matches_dinokit_on_converted_weights(tmp_path, name, registers):
             assert max_diff(ours(x).last_hidden_state, theirs.forward_features(x)) < TOL
     # and back: dinokit -> timm layout loads strictly into timm
     timm_state = ckpt.meta_to_timm(ours.meta_state_dict()[0])
-    again = timm.create_model(name, pretrained=False, dynamic_img_size=True, num_classes=0).eval()
+    again = timm.create_model(name, **small).eval()
     again.load_state_dict(timm_state, strict=True)
     x = images(1, 224, 308, seed=13)
     with torch.no_grad():
@@ -60,7 +63,7 @@ def reference_meta_forward(state: dict, x: torch.Tensor, heads: int, offset: flo
     x = torch.cat([state["cls_token"].expand(B, -1, -1) + pos[:, :1], tokens + patch_pos], dim=1)
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     for i in range(depth):
-        b = lambda n: state[f"blocks.{i}.{n}"]  # noqa: E731
+        b = lambda n, i=i: state[f"blocks.{i}.{n}"]  # noqa: E731
         y = F.layer_norm(x, (dim,), b("norm1.weight"), b("norm1.bias"), eps=1e-6)
         q, k, v = F.linear(y, b("attn.qkv.weight"), b("attn.qkv.bias")).reshape(B, -1, 3, heads, dim // heads) \
             .permute(2, 0, 3, 1, 4)

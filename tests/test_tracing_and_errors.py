@@ -6,11 +6,12 @@ import warnings
 
 import pytest
 import torch
-from helpers import images, max_diff, randomize_, small_config
 
 import dinokit
 from dinokit.checkpoints import CheckpointError, load_checkpoint
 from dinokit.hub import HubError
+
+from helpers import images, max_diff, randomize_, small_config
 
 
 @pytest.mark.parametrize("registers", [0, 4], ids=["plain", "reg4"])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import images, max_diff, randomize_, small_config
 
 import dinokit
+
+from helpers import images, max_diff, randomize_, small_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -39,7 +39,11 @@ def resolve_file(path_or_id: str | os.PathLike, filename: str, *, required: bool
                                 f"such as 'facebook/dinov2-small'.")
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
         raise HubError("huggingface_hub is required to load models by Hub id") from exc
     try:

@@ -205,4 +205,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["DinoVisionTransformer", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2",
-           "count_parameters", "math", "F"]
+           "count_parameters"]
