@@ -1,0 +1,93 @@
+"""`make demo`: the transformers example, end to end and offline, on dinokit.
+
+Builds a ViT-S/14 (random weights: nothing can be downloaded here), saves it in Hugging Face layout, loads it
+back with `AutoModel` / `AutoImageProcessor`, embeds a real photograph that ships with scikit-learn, and prints
+shapes, pooled-feature norms and timing. `--train` additionally runs the SSL demo (a few minutes of CPU
+pretraining, then k-NN against random init).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def sample_photographs():
+    """scikit-learn ships two real JPEG photographs (china.jpg, flower.jpg) inside its wheel."""
+    import sklearn.datasets
+    from PIL import Image
+
+    folder = Path(sklearn.datasets.__file__).parent / "images"
+    return [(p.name, Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.jpg"))]
+
+
+def inference_demo(workdir: Path) -> None:
+    from dinokit import AutoImageProcessor, AutoModel, Dinov2ImageProcessor, Dinov2Model
+    from dinokit.config import preset_config
+
+    torch.manual_seed(0)
+    print("1. Build a ViT-S/14 (facebook/dinov2-small config, random weights) and save it in Hugging Face layout")
+    model = Dinov2Model(preset_config("vits14"))
+    model.save_pretrained(workdir)
+    Dinov2ImageProcessor().save_pretrained(workdir)
+    print(f"   {workdir}: {', '.join(sorted(p.name for p in workdir.iterdir()))}  "
+          f"({model.num_parameters():,} parameters)")
+
+    print("2. Load it back exactly as the transformers example does")
+    processor = AutoImageProcessor.from_pretrained(workdir)
+    model = AutoModel.from_pretrained(workdir)
+
+    photos = sample_photographs()
+    names = [name for name, _ in photos]
+    print(f"3. Embed real photographs shipped with scikit-learn: {names} "
+          f"(sizes {[img.size for _, img in photos]})")
+    t0 = time.perf_counter()
+    inputs = processor(images=[img for _, img in photos], return_tensors="pt")
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        outputs = model(**inputs)
+        t2 = time.perf_counter()
+        outputs = model(**inputs)  # second call: interpolated position embeddings come from the cache
+        t3 = time.perf_counter()
+    print(f"   pixel_values       {tuple(inputs['pixel_values'].shape)}")
+    print(f"   last_hidden_state  {tuple(outputs.last_hidden_state.shape)}  (CLS + 16x16 patches)")
+    print(f"   pooler_output      {tuple(outputs.pooler_output.shape)}")
+    for name, norm in zip(names, outputs.pooler_output.norm(dim=-1).tolist()):
+        print(f"   |pooled| {name:<10} {norm:.4f}")
+    print(f"   (at init the final LayerNorm has unit gain and zero bias, so every norm is sqrt(384) = "
+          f"{384 ** 0.5:.4f})")
+    cos = torch.nn.functional.cosine_similarity(outputs.pooler_output[0], outputs.pooler_output[1], dim=0)
+    print(f"   cosine(china, flower) = {cos.item():.4f}  (random weights: not meaningful yet)")
+    print(f"   timing: preprocess {1e3 * (t1 - t0):.1f} ms, first forward {1e3 * (t2 - t1):.1f} ms, "
+          f"second forward {1e3 * (t3 - t2):.1f} ms for {len(photos)} images")
+
+    print("4. Meta's API on the same model")
+    with torch.inference_mode():
+        feats = model.forward_features(inputs["pixel_values"])
+        maps = model.get_intermediate_layers(inputs["pixel_values"], n=4, reshape=True)
+    print(f"   forward_features: x_norm_clstoken {tuple(feats['x_norm_clstoken'].shape)}, "
+          f"x_norm_patchtokens {tuple(feats['x_norm_patchtokens'].shape)}")
+    print(f"   get_intermediate_layers(n=4, reshape=True): {[tuple(m.shape) for m in maps]}")
+    same = torch.allclose(feats["x_norm_clstoken"], outputs.pooler_output, atol=1e-6)
+    print(f"   x_norm_clstoken == pooler_output: {same}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--output", type=Path, default=None, help="keep the saved model here")
+    args = parser.parse_args(argv)
+    if args.output is not None:
+        args.output.mkdir(parents=True, exist_ok=True)
+        inference_demo(args.output)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            inference_demo(Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
