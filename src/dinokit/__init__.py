@@ -27,6 +27,9 @@ _EXPORTS = {
     "Dinov2ImageProcessor": "dinokit.processing",
     "BitImageProcessor": "dinokit.processing",
     "AutoImageProcessor": "dinokit.processing",
+    "eval_transform": "dinokit.processing",
+    "preprocess_tensor_batch": "dinokit.processing",
+    "load_image": "dinokit.processing",
 }
 
 __all__ = sorted(_EXPORTS)

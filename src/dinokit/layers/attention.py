@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinokit.layers.linear import linear
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
@@ -23,7 +25,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, head_mask: torch.Tensor | None = None):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear(x, self.qkv).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if return_attention or head_mask is not None:
             # Explicit path, only when the attention weights themselves are wanted (SDPA does not return them).
@@ -38,5 +40,5 @@ class Attention(nn.Module):
         else:
             weights = None
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        x = self.proj_drop(linear(x.transpose(1, 2).reshape(B, N, C), self.proj))
         return (x, weights) if return_attention else x

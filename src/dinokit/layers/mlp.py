@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinokit.layers.linear import linear
+
 
 class Mlp(nn.Module):
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
@@ -18,7 +20,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(linear(self.drop(linear(x, self.fc1, self.act)), self.fc2))
 
 
 def swiglu_hidden_features(dim: int, mlp_ratio: float) -> int:
@@ -37,5 +39,5 @@ class SwiGLUFFN(nn.Module):
         self.w3 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1) * x2)
+        x1, x2 = linear(x, self.w12).chunk(2, dim=-1)
+        return linear(F.silu(x1) * x2, self.w3)
