@@ -19,8 +19,9 @@ def is_tracing() -> bool:
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
     compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
-        return True
+    for probe in ("is_compiling", "is_exporting", "is_dynamo_compiling"):
+        if compiler is not None and getattr(compiler, probe, lambda: False)():
+            return True
     return bool(getattr(torch.onnx, "is_in_onnx_export", lambda: False)())
 
 
