@@ -113,12 +113,16 @@ class Dinov2Config:
         if out_features is None and out_indices is None:
             out_features, out_indices = [names[-1]], [len(names) - 1]
         elif out_features is None:
+            if any(not -len(names) <= i < len(names) for i in out_indices):
+                raise ValueError(f"out_indices {out_indices} out of range for stages {names}")
             out_features = [names[i] for i in out_indices]
-        elif out_indices is None:
-            out_indices = [names.index(f) for f in out_features]
-        unknown = [f for f in out_features if f not in names]
+        unknown = [f for f in (out_features or []) if f not in names]
         if unknown:
             raise ValueError(f"out_features {unknown} are not stages of this model; choose from {names}")
+        if out_indices is None:
+            out_indices = [names.index(f) for f in out_features]
+        if any(not -len(names) <= i < len(names) for i in out_indices):
+            raise ValueError(f"out_indices {out_indices} out of range for stages {names}")
         if [names[i] for i in out_indices] != list(out_features):
             raise ValueError(f"out_features {out_features} and out_indices {out_indices} do not agree")
         self._out_features, self._out_indices = list(out_features), list(out_indices)

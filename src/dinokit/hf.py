@@ -64,6 +64,14 @@ class Dinov2PreTrainedModel(nn.Module):
     def vit_module(self) -> DinoVisionTransformer:
         return self.vit if hasattr(self, "vit") else self.dinov2.vit
 
+    # ------------------------------------------------------------ Meta's API on the same weights
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
+        return self.vit_module.forward_features(x, masks)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n=1, reshape: bool = False,
+                                return_class_token: bool = False, norm: bool = True):
+        return self.vit_module.get_intermediate_layers(x, n, reshape, return_class_token, norm)
+
     # ------------------------------------------------------------ shared forward pieces
     def _resolve_flags(self, output_attentions, output_hidden_states, return_dict):
         config = self.config
@@ -324,14 +332,6 @@ class Dinov2Model(Dinov2PreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output,
                                           hidden_states=hidden_states, attentions=attentions)
 
-    # Meta's API on the same weights.
-    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None):
-        return self.vit.forward_features(x, masks)
-
-    def get_intermediate_layers(self, x: torch.Tensor, n=1, reshape: bool = False,
-                                return_class_token: bool = False, norm: bool = True):
-        return self.vit.get_intermediate_layers(x, n, reshape, return_class_token, norm)
-
 
 class Dinov2ForImageClassification(Dinov2PreTrainedModel):
     """Linear head on `[CLS, mean(patch tokens)]` (registers excluded); with `num_classifier_layers=4`, Meta's
@@ -390,12 +390,6 @@ class Dinov2ForImageClassification(Dinov2PreTrainedModel):
         if problem_type == "single_label_classification":
             return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
         return F.binary_cross_entropy_with_logits(logits, labels)
-
-    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None):
-        return self.dinov2.forward_features(x, masks)
-
-    def get_intermediate_layers(self, *args, **kwargs):
-        return self.dinov2.get_intermediate_layers(*args, **kwargs)
 
 
 class Dinov2Backbone(Dinov2PreTrainedModel):

@@ -1,0 +1,115 @@
+"""Building blocks (drop path variants, SwiGLU, fused linear) and the config's transformers compatibility."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import images, max_diff, randomize_, small_config
+
+import dinokit
+from dinokit.config import Dinov2Config, preset_config
+from dinokit.layers import Block, drop_add_residual_stochastic_depth, swiglu_hidden_features
+from dinokit.layers import linear as fused
+
+# facebook/dinov2-small and facebook/dinov2-with-registers-giant config.json, as published on the Hub.
+HUB_SMALL = {"architectures": ["Dinov2Model"], "attention_probs_dropout_prob": 0.0, "drop_path_rate": 0.0,
+             "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "hidden_size": 384, "image_size": 518,
+             "initializer_range": 0.02, "layer_norm_eps": 1e-06, "layerscale_value": 1.0, "mlp_ratio": 4,
+             "model_type": "dinov2", "num_attention_heads": 6, "num_channels": 3, "num_hidden_layers": 12,
+             "patch_size": 14, "qkv_bias": True, "torch_dtype": "float32", "transformers_version": "4.31.0.dev0",
+             "use_swiglu_ffn": False}
+HUB_REG_GIANT = {**HUB_SMALL, "architectures": ["Dinov2WithRegistersModel"], "hidden_size": 1536,
+                 "num_attention_heads": 24, "num_hidden_layers": 40, "use_swiglu_ffn": True,
+                 "model_type": "dinov2_with_registers", "num_register_tokens": 4, "interpolate_antialias": True,
+                 "interpolate_offset": 0.0}
+
+
+@pytest.mark.parametrize("name,hub", [("vits14", HUB_SMALL), ("vitg14_reg4", HUB_REG_GIANT)])
+def test_presets_equal_the_hub_configs(name, hub):
+    ours = preset_config(name)
+    from_hub = Dinov2Config.from_dict(hub)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "image_size", "patch_size",
+                "use_swiglu_ffn", "num_register_tokens", "interpolate_offset", "interpolate_antialias",
+                "layerscale_value", "layer_norm_eps", "model_type"):
+        assert getattr(ours, key) == getattr(from_hub, key), key
+
+
+def test_hub_config_without_interpolation_keys_selects_transformers_size_mode():
+    config = Dinov2Config.from_dict(HUB_SMALL)
+    assert config.interpolate_offset == 0.0 and config.interpolate_antialias is False
+
+
+def test_config_json_round_trips_through_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = preset_config("vitb14_reg4", out_features=["stage2", "stage12"], num_labels=3)
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.AutoConfig.from_pretrained(str(tmp_path))
+    assert theirs.model_type == "dinov2_with_registers" and theirs.num_register_tokens == 4
+    assert list(theirs.out_features) == ["stage2", "stage12"] and theirs.num_labels == 3
+    theirs.save_pretrained(tmp_path / "back")
+    again = Dinov2Config.from_pretrained(tmp_path / "back")
+    assert again.out_indices == [2, 12] and again.num_labels == 3
+    assert json.loads((tmp_path / "config.json").read_text())["interpolate_antialias"] is True
+
+
+def test_out_features_must_name_real_stages():
+    with pytest.raises(ValueError, match="not stages of this model"):
+        small_config(out_features=["stage9"])
+
+
+def test_swiglu_width_follows_meta_rounding():
+    assert swiglu_hidden_features(1536, 4) == 4096
+    assert swiglu_hidden_features(384, 4) == 1024
+
+
+def test_batch_subset_drop_path_touches_only_a_subset_and_rescales():
+    torch.manual_seed(0)
+    x = torch.randn(10, 5, 8)
+    out = drop_add_residual_stochastic_depth(x, lambda t: torch.ones_like(t), sample_drop_ratio=0.4)
+    changed = (out - x).abs().amax(dim=(1, 2)) > 0
+    assert changed.sum().item() == 6  # k = max(int(10 * 0.6), 1)
+    assert torch.allclose((out - x)[changed], torch.full_like((out - x)[changed], 10 / 6))
+
+
+def test_block_uses_batch_subset_above_rate_0_1_and_classic_below():
+    torch.manual_seed(0)
+    high, low = Block(16, 2, drop_path=0.5, init_values=1.0).train(), Block(16, 2, drop_path=0.05).train()
+    x = torch.randn(8, 4, 16)
+    calls = []
+    high.attn.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    high(x)
+    assert calls == [4]  # attention ran on int(8 * 0.5) samples only
+    calls.clear()
+    low.attn.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    low(x)
+    assert calls == [8]
+    high.eval(), low.eval()
+    with torch.no_grad():
+        assert torch.equal(high(x), high(x))  # no randomness at inference
+
+
+def test_fused_linear_matches_plain_linear_and_can_be_disabled():
+    model = randomize_(dinokit.Dinov2Model(small_config(swiglu=True)), seed=41).eval()
+    x = images(2, 224, 224)
+    with torch.no_grad():
+        fast = model(x).last_hidden_state
+        fused.set_fast_linear(False)
+        try:
+            plain = model(x).last_hidden_state
+        finally:
+            fused.set_fast_linear(True)
+    assert max_diff(fast, plain) < 1e-5
+
+
+def test_forward_features_available_on_every_model_class():
+    config = small_config(num_labels=4)
+    x = images(1, 224, 224)
+    with torch.no_grad():
+        reference = dinokit.Dinov2Model(config).eval()
+        for cls in (dinokit.Dinov2ForImageClassification, dinokit.Dinov2Backbone):
+            model = cls(config).eval()
+            model.vit_module.load_state_dict(reference.vit.state_dict())
+            assert max_diff(model.forward_features(x)["x_norm_clstoken"], reference(x).pooler_output) == 0.0
+            assert len(model.get_intermediate_layers(x, n=[0, 2])) == 2
