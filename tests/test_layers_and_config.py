@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from helpers import images, max_diff, randomize_, small_config
 
 import dinokit
 from dinokit.config import Dinov2Config, preset_config
 from dinokit.layers import Block, drop_add_residual_stochastic_depth, swiglu_hidden_features
 from dinokit.layers import linear as fused
+
+from helpers import images, max_diff, randomize_, small_config
 
 # facebook/dinov2-small and facebook/dinov2-with-registers-giant config.json, as published on the Hub.
 HUB_SMALL = {"architectures": ["Dinov2Model"], "attention_probs_dropout_prob": 0.0, "drop_path_rate": 0.0,
