@@ -1,0 +1,127 @@
+"""`dinokit embed | index | search | dedup | pca`: thin commands over `dinokit.apps`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("embed", help="embed a folder, glob or file list of images into sharded .npy/.parquet",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="folder (recursive), quoted glob, .txt file with one path per line, or image files")
+    p.add_argument("--model", "-m", required=True, help="model directory, hub id, checkpoint file or preset")
+    p.add_argument("--output", "-o", required=True, help="output folder (an unfinished run in it is resumed)")
+    p.add_argument("--pooling", choices=["cls", "mean", "cls+mean", "patch"], default="cls")
+    p.add_argument("--normalize", action="store_true", help="store unit-length vectors")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--image-size", type=int, default=224, help="crop size, a multiple of 14")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: CPU cores, max 8)")
+    p.add_argument("--shard-size", type=int, default=None, help="images per shard (default 10000; patch: ~256 MB)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_embed)
+
+    p = subparsers.add_parser("index", help="build a faiss index over an embedding folder",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("emb_dir", metavar="DIR", help="embedding folder written by `dinokit embed`")
+    p.add_argument("--output", "-o", default=None, help="index folder (default DIR/index)")
+    p.add_argument("--kind", choices=["auto", "flat", "ivf", "hnsw"], default="auto",
+                   help="auto: exact up to --exact-max vectors, IVF-Flat above")
+    p.add_argument("--exact-max", type=int, default=200_000)
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 an approximate index is tuned to")
+    p.set_defaults(func=_index)
+
+    p = subparsers.add_parser("search", help="most similar indexed images to query images")
+    p.add_argument("index", metavar="INDEX", help="index folder, or an embedding folder holding index/")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--model", default=None, help="override the model recorded in the index")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_search)
+
+    p = subparsers.add_parser("dedup", help="group near-duplicate images of an embedding folder")
+    p.add_argument("emb_dir", metavar="DIR", help="embedding folder written by `dinokit embed`")
+    p.add_argument("--threshold", "-t", type=float, default=0.95, help="cosine similarity (default 0.95)")
+    p.add_argument("--output", "-o", default=None, help="CSV file (default DIR/duplicates.csv; JSON beside it)")
+    p.set_defaults(func=_dedup)
+
+    p = subparsers.add_parser("pca", help="the DINOv2 paper's PCA picture of patch features (or attention maps)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--output", "-o", required=True, help="PNG file to write")
+    p.add_argument("--model", "-m", default="facebook/dinov2-small",
+                   help="model directory, hub id, checkpoint file (default facebook/dinov2-small)")
+    p.add_argument("--size", type=int, default=448, help="short side in pixels, a multiple of 14 (default 448)")
+    p.add_argument("--attention", action="store_true", help="draw last-block CLS attention per head instead")
+    p.add_argument("--threshold", type=_threshold, default=0.0,
+                   help="foreground if the first component scores above this (default 0); 'none' keeps all")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_pca)
+
+
+def _threshold(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def _embed(args) -> int:
+    from dinokit.apps.embed import embed
+
+    inputs = args.inputs[0] if len(args.inputs) == 1 else args.inputs
+    report = embed(inputs, args.model, args.output, pooling=args.pooling, normalize=args.normalize,
+                   dtype=args.dtype, image_size=args.image_size, batch_size=args.batch_size,
+                   num_workers=args.num_workers, shard_size=args.shard_size, device=args.device,
+                   progress=not args.quiet)
+    return 0 if report.num_embedded else 1
+
+
+def _index(args) -> int:
+    from dinokit.apps.index import build_index
+
+    r = build_index(args.emb_dir, args.output, kind=args.kind, exact_max=args.exact_max,
+                    target_recall=args.target_recall)
+    params = ", ".join(f"{k}={v}" for k, v in r.params.items())
+    recall = "exact" if r.kind == "flat" else f"recall@10 {r.recall_at_10:.3f} on {r.recall_queries} queries"
+    print(f"{r.kind} index of {r.num_vectors:,} x {r.dim} vectors ({params or 'inner product'}; {recall}) "
+          f"-> {r.output_dir}")
+    return 0
+
+
+def _search(args) -> int:
+    from dinokit.apps.search import search
+
+    results = search(args.index, args.images, k=args.k, model=args.model, device=args.device)
+    if args.json:
+        print(json.dumps([{"query": q, "results": [vars(m) for m in matches]}
+                          for q, matches in zip(args.images, results)], indent=2))
+        return 0
+    for query, matches in zip(args.images, results):
+        print(query)
+        for m in matches:
+            print(f"  {m.rank:3d}  {m.score:.4f}  {m.path}")
+    return 0
+
+
+def _dedup(args) -> int:
+    from dinokit.apps.dedup import dedup
+
+    r = dedup(args.emb_dir, threshold=args.threshold, output=args.output)
+    print(f"{r.num_images:,} images: {len(r.groups):,} near-duplicate groups, {r.num_duplicates:,} images to "
+          f"remove (threshold {r.threshold}) -> {r.csv_path}, {r.json_path}")
+    return 0
+
+
+def _pca(args) -> int:
+    from dinokit.apps.pca import pca_picture
+
+    picture = pca_picture(args.images, args.output, model=args.model, size=args.size, attention=args.attention,
+                          threshold=args.threshold, device=args.device)
+    print(f"wrote {picture.path} ({picture.image.width}x{picture.image.height}, {len(picture.boxes)} rows)")
+    return 0

@@ -1,0 +1,490 @@
+"""Embed many images with a DINOv2 model into an embedding folder (layout: `dinokit.apps.store`).
+
+How a run is organised, and why:
+- The inputs are listed and sorted by path, then cut into shards of `shard_size` consecutive files. Shard i always
+  holds the same files, so a killed run restarts at its first unfinished shard, and `torchrun` processes take the
+  shards in turn (rank r embeds shards r, r + world, ...) -- both give the same bytes as one uninterrupted run.
+- Batches never straddle a shard boundary, so every image is computed in the same batch in every kind of run.
+- A file that cannot be decoded (corrupt, empty, truncated, not an image, more pixels than PIL's
+  MAX_IMAGE_PIXELS) is left out of its shard's rows and recorded in errors.parquet with the reason; it never stops
+  the run. Shards therefore may hold fewer than `shard_size` rows; metadata row r always describes embedding row r.
+- DataLoader workers decode and resize while the model runs; on CUDA the model runs under bf16 autocast.
+
+Preprocessing for `image_size` S (a multiple of the patch size): resize the short side to S * 256 / 224 (bicubic),
+centre crop S x S, ImageNet mean/std -- the DINOv2 evaluation transform, scaled; at 224 it is bit-identical to
+`Dinov2ImageProcessor`. EXIF orientation is applied.
+
+Pooling: "cls" (the CLS token after the final norm), "mean" (mean of the patch tokens, registers excluded),
+"cls+mean" (both, concatenated: Meta's linear-probe feature) or "patch" (the whole (N, D) grid of patch tokens).
+`normalize=True` scales each stored vector (each patch vector for "patch") to unit length.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dinokit.apps import store
+
+POOLINGS = ("cls", "mean", "cls+mean", "patch")
+DTYPES = {"float32": np.float32, "float16": np.float16}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+LIST_EXTENSIONS = {".txt", ".lst"}
+VECTOR_SHARD_SIZE = 10_000
+PATCH_SHARD_BYTES = 256 * 2**20  # patch grids are big: shards of about this size keep memory bounded
+FORMAT = "dinokit-embeddings/1"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def list_images(inputs) -> list[str]:
+    """Sorted, de-duplicated absolute paths of the images named by `inputs`.
+
+    inputs: a folder (searched recursively for image extensions, hidden files skipped); a glob pattern; a text
+    file (.txt/.lst) with one path per line (relative paths are relative to that file; blank lines and lines
+    starting with # are skipped); an image file; or a list of any of these. Files named explicitly, listed or
+    matched by a glob are all tried, whatever their extension; in a list, a path that does not exist is kept
+    (it is reported in errors.parquet rather than stopping the run).
+    """
+    if isinstance(inputs, (list, tuple)):
+        if not inputs:
+            raise ValueError("No input images were given (empty list).")
+        paths = [p for item in inputs for p in _expand(str(item), missing_ok=True)]
+    else:
+        paths = _expand(str(inputs), missing_ok=False)
+    return sorted({os.path.abspath(os.path.expanduser(p)) for p in paths})
+
+
+def _expand(text: str, missing_ok: bool) -> list[str]:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        paths = []
+        for folder, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            paths += [os.path.join(folder, f) for f in files
+                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        if not paths:
+            raise ValueError(f"No images found in folder {path} (looked recursively for "
+                             f"{', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        return paths
+    if path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        paths = [str(path.parent / line) for line in lines if line and not line.startswith("#")]
+        if not paths:
+            raise ValueError(f"The file list {path} names no files.")
+        return paths
+    if path.is_file():
+        return [text]
+    if glob.has_magic(text):
+        paths = [p for p in glob.glob(os.path.expanduser(text), recursive=True) if os.path.isfile(p)]
+        if not paths:
+            raise ValueError(f"The pattern {text!r} matches no files.")
+        return paths
+    if missing_ok:
+        return [text]
+    raise FileNotFoundError(f"Input {text!r} does not exist. Pass a folder, a glob pattern (quoted), a .txt file "
+                            f"listing one image path per line, or image files.")
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def select_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load(model) -> nn.Module:
+    """A model from anything `dinokit.load_model` accepts; other in-memory modules (e.g. transformers'
+    Dinov2Model) pass through as long as they return `last_hidden_state`. A classifier gives its backbone."""
+    if isinstance(model, nn.Module):
+        return getattr(model, "dinov2", model)
+    from dinokit import load_model
+
+    return load_model(model)
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Fingerprint of the weights, so a resumed run cannot mix outputs of two different models."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def describe_model(model: nn.Module, spec) -> dict:
+    from dinokit.config import HUB_IDS
+
+    config = getattr(model, "config", None)
+    text = None if isinstance(spec, nn.Module) else str(spec)
+    if text is not None and Path(text).expanduser().exists():
+        text = str(Path(text).expanduser().resolve())
+    preset = text is not None and (text in HUB_IDS or text.replace("dinov2_", "") in HUB_IDS)
+    return {"spec": text, "class": type(model).__name__, "random_weights": preset,
+            "weights_sha256": weights_sha256(model),
+            "config": config.to_dict() if hasattr(config, "to_dict") else None}
+
+
+def model_from_manifest(manifest: dict) -> nn.Module:
+    """The model an embedding folder was made with, to embed queries the same way."""
+    info = manifest.get("model") or {}
+    if not info.get("spec") or info.get("random_weights"):
+        what = "randomly initialised weights" if info.get("random_weights") else "an in-memory model"
+        raise ValueError(f"These embeddings were made with {what}, which cannot be loaded again. Pass the model "
+                         f"itself (model=... in Python), or re-embed with a saved model (--model DIR or hub id).")
+    return load(info["spec"])
+
+
+def _patch_size(model: nn.Module) -> int:
+    return int(getattr(getattr(model, "config", None), "patch_size", 14))
+
+
+def _hidden_size(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+def read_image(path: str) -> Image.Image:
+    """Decode a whole image file to RGB, or raise with a short reason."""
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; such files are decompression bombs to us too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")  # convert() decodes all, exposing truncation
+
+
+def eval_transform(image_size: int):
+    """The DINOv2 evaluation transform scaled to `image_size`: short side to image_size * 256/224, centre crop."""
+    from dinokit.processing import eval_transform as dinov2_eval_transform
+
+    return dinov2_eval_transform(resize=round(image_size * 256 / 224), crop=image_size)
+
+
+def preprocessing_description(image_size: int) -> dict:
+    return {"resize_short_side": round(image_size * 256 / 224), "interpolation": "bicubic (PIL)",
+            "center_crop": image_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "exif_transpose": True}
+
+
+class ImageFiles(Dataset):
+    """Item i: (i, pixels or None, width, height, error reason or None). Never raises for a bad file."""
+
+    def __init__(self, paths: list[str], transform) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = read_image(self.paths[i])
+            return i, self.transform(image), image.width, image.height, None
+        except Exception as exc:  # any decoder failure is data, not a crash
+            reason = f"{type(exc).__name__}: {exc}".replace(self.paths[i], "<file>")
+            return i, None, 0, 0, reason
+
+
+@dataclass
+class Batch:
+    indices: list[int]  # files read successfully, in order
+    pixels: torch.Tensor | None
+    sizes: list[tuple[int, int]]
+    failed: list[tuple[int, str]]  # (file index, reason)
+
+
+def collate(items) -> Batch:
+    good = [item for item in items if item[4] is None]
+    return Batch(indices=[item[0] for item in good],
+                 pixels=torch.stack([item[1] for item in good]) if good else None,
+                 sizes=[(item[2], item[3]) for item in good],
+                 failed=[(item[0], item[4]) for item in items if item[4] is not None])
+
+
+# ---------------------------------------------------------------------------------------------------- pooling
+def feature_shape(model: nn.Module, pooling: str, image_size: int) -> tuple[int, ...]:
+    dim = _hidden_size(model)
+    num_patches = (image_size // _patch_size(model)) ** 2
+    return {"cls": (dim,), "mean": (dim,), "cls+mean": (2 * dim,), "patch": (num_patches, dim)}[pooling]
+
+
+@torch.inference_mode()
+def embed_pixels(model: nn.Module, pixels: torch.Tensor, pooling: str, normalize: bool = False) -> np.ndarray:
+    """Pooled float32 features of a batch of preprocessed images (B, 3, H, W) already on the model's device."""
+    num_patches = (pixels.shape[-2] // _patch_size(model)) * (pixels.shape[-1] // _patch_size(model))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=pixels.is_cuda):
+        hidden = model(pixel_values=pixels).last_hidden_state
+    hidden = hidden.float()
+    cls, patches = hidden[:, 0], hidden[:, hidden.shape[1] - num_patches:]  # registers sit in between
+    if pooling == "cls":
+        features = cls
+    elif pooling == "mean":
+        features = patches.mean(dim=1)
+    elif pooling == "cls+mean":
+        features = torch.cat([cls, patches.mean(dim=1)], dim=-1)
+    else:
+        features = patches
+    if normalize:
+        features = torch.nn.functional.normalize(features, dim=-1)
+    return features.cpu().numpy()
+
+
+def embed_images(images: list, model, *, image_size: int = 224, pooling: str = "cls", normalize: bool = False,
+                 device: str = "auto", batch_size: int = 16) -> np.ndarray:
+    """Features of a few images (paths or PIL images) in this process, e.g. search queries; bad files raise."""
+    _check_pooling(pooling)
+    model = load(model)
+    device = select_device(device)
+    model = model.to(device).eval()
+    _check_image_size(model, image_size)
+    transform = eval_transform(image_size)
+    pixels = []
+    for image in images:
+        if not isinstance(image, Image.Image):
+            if not os.path.isfile(image):
+                raise FileNotFoundError(f"Image {image} does not exist")
+            try:
+                image = read_image(str(image))
+            except Exception as exc:
+                raise ValueError(f"Cannot read {image} as an image ({type(exc).__name__}: {exc})") from None
+        pixels.append(transform(image.convert("RGB")))
+    batches = [torch.stack(pixels[i:i + batch_size]).to(device) for i in range(0, len(pixels), batch_size)]
+    return np.concatenate([embed_pixels(model, b, pooling, normalize) for b in batches])
+
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+
+
+def _check_image_size(model: nn.Module, image_size: int) -> None:
+    patch = _patch_size(model)
+    if image_size <= 0 or image_size % patch:
+        raise ValueError(f"image_size must be a positive multiple of the patch size {patch} (e.g. 224, 448, 518); "
+                         f"got {image_size}")
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+@dataclass
+class EmbedReport:
+    output_dir: str
+    num_files: int
+    num_embedded: int
+    num_errors: int
+    num_shards: int
+    shards_already_done: int
+    feature_shape: tuple[int, ...] = field(default_factory=tuple)
+    seconds: float = 0.0
+
+
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group): joins torchrun's group when launched by it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=12))
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""  # unreachable
+
+
+def _settings_mismatch(old: dict, new: dict) -> list[str]:
+    keys = ("format", "inputs_sha256", "num_files", "image_size", "pooling", "dtype", "normalized", "shard_size",
+            "batch_size")
+    changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    if (old.get("model") or {}).get("weights_sha256") != new["model"]["weights_sha256"]:
+        changes.append("model weights differ")
+    return changes
+
+
+def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normalize: bool = False,
+          dtype: str = "float32", image_size: int = 224, batch_size: int = 32, num_workers: int | None = None,
+          shard_size: int | None = None, device: str = "auto", progress: bool = True) -> EmbedReport:
+    """Embed the images of `inputs` (see `list_images`) with `model` into `output_dir`; resumes an unfinished run.
+
+    model: a dinokit model or anything `dinokit.load_model` accepts (directory, hub id, checkpoint, preset).
+    shard_size: images per shard (default 10,000; for "patch" about 256 MB of features per shard).
+    num_workers: decoding processes (default: the number of CPU cores, at most 8).
+    Under `torchrun`, call it in every process with the same arguments; rank 0 writes the manifest and
+    errors.parquet, and the result equals a one-process run.
+    """
+    _check_pooling(pooling)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    started = time.perf_counter()
+    rank, world, created_group = _distributed()
+    say = _log if (progress and rank == 0) else (lambda message: None)
+    try:
+        paths = list_images(inputs)
+        spec = model
+        model = load(model)
+        device = select_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL collectives run on the current device
+        model = model.to(device).eval()
+        _check_image_size(model, image_size)
+        shape = feature_shape(model, pooling, image_size)
+        bytes_per_image = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
+        if shard_size is None:
+            shard_size = VECTOR_SHARD_SIZE if pooling != "patch" else max(1, PATCH_SHARD_BYTES // bytes_per_image)
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+        num_shards = -(-len(paths) // shard_size)
+        output_dir = Path(output_dir)
+
+        manifest = {
+            "format": FORMAT, "complete": False, "model": describe_model(model, spec),
+            "image_size": image_size, "patch_size": _patch_size(model),
+            "preprocessing": preprocessing_description(image_size), "pooling": pooling,
+            "dim": shape[-1], "shape": list(shape), "dtype": dtype, "normalized": normalize,
+            "num_files": len(paths), "num_shards": num_shards, "shard_size": shard_size, "batch_size": batch_size,
+            "inputs_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+        }
+        if rank == 0:
+            _start_or_resume(output_dir, manifest)
+        _barrier(world)
+
+        mine = list(range(rank, num_shards, world))
+        todo = [s for s in mine if not store.is_shard_complete(output_dir, s, num_shards)]
+        done_before = len(mine) - len(todo)
+        say(f"dinokit embed: {len(paths):,} files in {num_shards} shard(s) of {shard_size:,}; "
+            f"{_human_bytes(bytes_per_image)} per image ({pooling}: {' x '.join(map(str, shape))} {dtype}), "
+            f"up to {_human_bytes(bytes_per_image * len(paths))} in all"
+            + (f"; resuming, {done_before} shard(s) already done" if done_before else "")
+            + (f"; {world} processes" if world > 1 else ""))
+        if pooling == "patch":
+            say(f"dinokit embed: patch grids are held one shard at a time in memory: "
+                f"up to {_human_bytes(bytes_per_image * min(shard_size, len(paths)))} per shard.")
+        if todo:
+            _embed_shards(paths, model, output_dir, todo, num_shards, shard_size, pooling, normalize,
+                          DTYPES[dtype], shape, image_size, batch_size, num_workers, device,
+                          progress and rank == 0)
+        _barrier(world)
+        if rank == 0:
+            _finish(output_dir, manifest)
+        _barrier(world)
+        final = store.read_manifest(output_dir)
+        report = EmbedReport(output_dir=str(output_dir), num_files=len(paths), num_embedded=final["num_embedded"],
+                             num_errors=final["num_errors"], num_shards=num_shards,
+                             shards_already_done=done_before, feature_shape=shape,
+                             seconds=time.perf_counter() - started)
+        say(f"dinokit embed: {report.num_embedded:,} embedded, {report.num_errors:,} unreadable "
+            f"(see {output_dir / store.ERRORS}) in {report.seconds:.1f} s")
+        return report
+    finally:
+        if created_group:
+            torch.distributed.destroy_process_group()
+
+
+def _start_or_resume(output_dir: Path, manifest: dict) -> None:
+    """Refuse to mix runs: an existing folder must hold the same run (then it resumes), or be empty."""
+    old = store.read_manifest(output_dir)
+    if old is None:
+        if output_dir.exists() and any(output_dir.iterdir()):
+            raise ValueError(f"Output folder {output_dir} exists, is not empty and holds no {store.MANIFEST}. "
+                             f"Choose a new or empty folder.")
+    else:
+        changes = _settings_mismatch(old, manifest)
+        if changes:
+            raise ValueError(f"Output folder {output_dir} holds a different embedding run ({'; '.join(changes)}). "
+                             f"Use another output folder, or delete this one to start over.")
+    if old is None or not old.get("complete"):
+        store.write_manifest(output_dir, manifest)
+
+
+def _embed_shards(paths, model, output_dir, shards, num_shards, shard_size, pooling, normalize, out_dtype, shape,
+                  image_size, batch_size, num_workers, device, show_progress) -> None:
+    from tqdm.auto import tqdm
+
+    ranges = {s: range(s * shard_size, min((s + 1) * shard_size, len(paths))) for s in shards}
+    batches = []  # shard-aligned, so each image meets the same batch in every kind of run
+    for s in shards:
+        files = ranges[s]
+        batches += [list(files[i:i + batch_size]) for i in range(0, len(files), batch_size)]
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    loader = DataLoader(ImageFiles(paths, eval_transform(image_size)), batch_sampler=batches, collate_fn=collate,
+                        num_workers=num_workers, prefetch_factor=4 if num_workers else None,
+                        persistent_workers=False)
+    total = sum(len(ranges[s]) for s in shards)
+    bar = tqdm(total=total, unit="img", desc="embed", disable=not show_progress, smoothing=0.1, dynamic_ncols=True)
+
+    current, rows, sizes, failed, seen = None, [], [], [], 0
+    for batch in loader:
+        shard = (batch.indices or [i for i, _ in batch.failed])[0] // shard_size
+        if current is None:
+            current = shard
+        if batch.pixels is not None:
+            features = embed_pixels(model, batch.pixels.to(device, non_blocking=True), pooling, normalize)
+            rows.append(features.astype(out_dtype, copy=False))
+            sizes += [(paths[i], w, h) for i, (w, h) in zip(batch.indices, batch.sizes)]
+        failed += [(paths[i], reason) for i, reason in batch.failed]
+        seen += len(batch.indices) + len(batch.failed)
+        bar.update(len(batch.indices) + len(batch.failed))
+        if seen == len(ranges[current]):  # the shard's last batch: write it
+            _write(output_dir, current, num_shards, rows, sizes, failed, out_dtype, shape)
+            current, rows, sizes, failed, seen = None, [], [], [], 0
+    bar.close()
+
+
+def _write(output_dir, shard, num_shards, rows, sizes, failed, out_dtype, shape) -> None:
+    import pyarrow as pa
+
+    embeddings = np.concatenate(rows) if rows else np.zeros((0, *shape), dtype=out_dtype)
+    metadata = {"path": pa.array([p for p, _, _ in sizes], pa.string()),
+                "width": pa.array([w for _, w, _ in sizes], pa.int32()),
+                "height": pa.array([h for _, _, h in sizes], pa.int32())}
+    errors = {"path": pa.array([p for p, _ in failed], pa.string()),
+              "reason": pa.array([r for _, r in failed], pa.string())}
+    store.write_shard(output_dir, shard, num_shards, embeddings, metadata, errors if failed else None)
+
+
+def _finish(output_dir: Path, manifest: dict) -> None:
+    import pyarrow.parquet as pq
+
+    num_shards = manifest["num_shards"]
+    missing = [s for s in range(num_shards) if not store.is_shard_complete(output_dir, s, num_shards)]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} of {output_dir} were not written; run the command again")
+    manifest = {**manifest, "complete": True}
+    manifest["num_errors"] = store.merge_errors(output_dir, num_shards)
+    manifest["num_embedded"] = sum(pq.ParquetFile(store.shard_paths(output_dir, s, num_shards)[1]).metadata.num_rows
+                                   for s in range(num_shards))
+    store.write_manifest(output_dir, manifest)
