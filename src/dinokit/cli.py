@@ -9,6 +9,7 @@ import sys
 # Modules that define `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = [
     "dinokit.checkpoints",
+    "dinokit.apps.cli",
 ]
 
 
