@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = [
     "dinokit.checkpoints",
     "dinokit.apps.cli",
+    "dinokit.export.cli",
 ]
 
 

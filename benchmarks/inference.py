@@ -1,0 +1,289 @@
+"""CPU inference throughput: every dinokit backend vs transformers (SDPA) vs timm, same weights, one process.
+
+    .venv/bin/python benchmarks/inference.py                       # ViT-S/14 and ViT-B/14, fp32, ~15 min here
+    .venv/bin/python benchmarks/inference.py --models vits14 --rounds 3 --no-compile   # quick look
+
+For each model and setting (224x224 batch 8, 518x518 batch 1) the implementations run interleaved: each round
+times one call of every implementation in turn (after one warm-up call each, and a short pause between calls so
+spinning worker threads of the previous one go idle). Reported: median img/s over rounds, ratio to transformers,
+max |Δ| of last_hidden_state and min CLS cosine against dinokit's eager torch output on the same input, and peak
+memory of one forward (RSS high-water mark above the loaded model, measured in a fresh subprocess per cell;
+"n/a" for torch.compile, whose compilation would dominate it).
+
+Same weights everywhere: a random dinokit model (Meta init) -> `save_pretrained` -> transformers
+`Dinov2Model.from_pretrained`; `checkpoints.meta_to_timm` -> timm `load_state_dict` (timm created with
+`dynamic_img_size=True`, its position resampling switched to bicubic without antialias, which is the
+interpolation of transformers' Dinov2Model and of dinokit's default config). With a GPU, a CUDA section compares
+dinokit and timm in bf16 at 518x518, batch 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+SETTINGS = [(224, 8), (518, 1)]
+TIMM_NAMES = {"vits14": "vit_small_patch14_dinov2", "vitb14": "vit_base_patch14_dinov2",
+              "vitl14": "vit_large_patch14_dinov2"}
+PAUSE = 0.3  # seconds between timed calls
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def dinokit_model(preset: str, seed: int = 0):
+    import dinokit
+
+    torch.manual_seed(seed)
+    return dinokit.load_model(preset).eval()
+
+
+def transformers_model(weights_dir: Path):
+    from transformers import Dinov2Model
+
+    return Dinov2Model.from_pretrained(weights_dir, attn_implementation="sdpa").eval()
+
+
+def timm_model(preset: str, model):
+    import timm
+    import timm.models.vision_transformer as timm_vit
+    from timm.layers import resample_abs_pos_embed
+
+    from dinokit.checkpoints import meta_to_timm
+
+    # timm resamples with antialias=True; the reference here (transformers Dinov2Model) does not.
+    timm_vit.resample_abs_pos_embed = functools.partial(resample_abs_pos_embed, antialias=False)
+    net = timm.create_model(TIMM_NAMES[preset], pretrained=False, num_classes=0, img_size=518,
+                            dynamic_img_size=True)
+    backbone, _ = model.meta_state_dict()
+    net.load_state_dict(meta_to_timm(backbone), strict=True)
+    return net.eval()
+
+
+def implementations(preset: str, model, weights_dir: Path, onnx_dir: Path, compile_too: bool) -> dict:
+    """name -> callable(pixels) -> last_hidden_state (torch tensor)."""
+    from dinokit.backends import get_backend
+
+    onnx_path = onnx_dir / f"{preset}.onnx"
+    impls = {}
+    for name in ["torch"] + (["compile"] if compile_too else []) + ["onnxruntime", "onnxruntime-int8"]:
+        options = {"onnx_path": onnx_path} if name.startswith("onnxruntime") else {}
+        backend = get_backend(model, name, **options)
+        impls[f"dinokit {name}"] = lambda x, b=backend: b(x).last_hidden_state
+    hf = transformers_model(weights_dir)
+    impls["transformers (sdpa)"] = lambda x: hf(pixel_values=x).last_hidden_state
+    net = timm_model(preset, model)
+    impls["timm"] = lambda x: net.forward_features(x)
+    return impls
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+@torch.inference_mode()
+def time_interleaved(impls: dict, pixels: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    times = {name: [] for name in impls}
+    for fn in impls.values():  # warm-up (compile happens here)
+        fn(pixels)
+    names = list(impls)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
+        for name in order:
+            time.sleep(PAUSE)
+            start = time.perf_counter()
+            impls[name](pixels)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+@torch.inference_mode()
+def distances(impls: dict, pixels: torch.Tensor) -> dict[str, tuple[float, float]]:
+    reference = impls["dinokit torch"](pixels).float()
+    out = {}
+    for name, fn in impls.items():
+        got = fn(pixels).float()
+        cos = torch.nn.functional.cosine_similarity(got[:, 0], reference[:, 0], dim=-1)
+        out[name] = (float((got - reference).abs().max()), float(cos.min()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_memory_child(args) -> None:
+    """Subprocess: load one implementation, reset the RSS high-water mark, run one forward, print MiB used."""
+    torch.set_num_threads(args.threads)
+    model = dinokit_model(args.preset)
+    impls = implementations_for_memory(args.memory_impl, args.preset, model, Path(args.weights_dir),
+                                       Path(args.onnx_dir))
+    del model
+    pixels = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
+    import gc
+
+    gc.collect()
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+    with torch.inference_mode():
+        impls(pixels)
+    print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - before) / 1024}))
+
+
+def implementations_for_memory(name: str, preset: str, model, weights_dir: Path, onnx_dir: Path):
+    from dinokit.backends import get_backend
+
+    if name.startswith("dinokit "):
+        backend_name = name.split(" ", 1)[1]
+        options = {"onnx_path": onnx_dir / f"{preset}.onnx"} if backend_name.startswith("onnxruntime") else {}
+        backend = get_backend(model, backend_name, **options)
+        return lambda x: backend(x).last_hidden_state
+    if name.startswith("transformers"):
+        hf = transformers_model(weights_dir)
+        return lambda x: hf(pixel_values=x).last_hidden_state
+    net = timm_model(preset, model)
+    return net.forward_features
+
+
+def peak_memory(name: str, preset: str, size: int, batch: int, weights_dir: Path, onnx_dir: Path,
+                threads: int) -> float | None:
+    if "compile" in name or not Path("/proc/self/clear_refs").exists():
+        return None
+    command = [sys.executable, __file__, "--memory-impl", name, "--preset", preset, "--size", str(size),
+               "--batch", str(batch), "--weights-dir", str(weights_dir), "--onnx-dir", str(onnx_dir),
+               "--threads", str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        print(f"  memory of {name} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA
+def cuda_section(presets: list[str], rounds: int) -> list[dict]:
+    """bf16, 518x518, batch 64: dinokit (eager and compiled) vs timm on the GPU."""
+    from dinokit.backends import get_backend
+
+    rows = []
+    for preset in presets:
+        model = dinokit_model(preset)
+        net = timm_model(preset, model).cuda().to(torch.bfloat16)
+        model = model.cuda().to(torch.bfloat16)
+        impls = {"dinokit torch": get_backend(model, "torch"), "dinokit compile": get_backend(model, "compile"),
+                 "timm": net.forward_features}
+        pixels = torch.randn(64, 3, 518, 518, device="cuda", dtype=torch.bfloat16)
+        for name, fn in impls.items():
+            with torch.inference_mode():
+                fn(pixels)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                times = []
+                for _ in range(rounds):
+                    start = time.perf_counter()
+                    fn(pixels)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+            rows.append({"model": preset, "impl": name, "img_s": 64 / statistics.median(times),
+                         "peak_mib": torch.cuda.max_memory_allocated() / 2**20})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def run(args) -> dict:
+    from dinokit.export import export_onnx
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="dinokit-bench-"))
+    results = {"threads": args.threads, "rounds": args.rounds, "torch": torch.__version__, "cells": []}
+    for preset in args.models:
+        model = dinokit_model(preset)
+        weights_dir = work / preset
+        model.save_pretrained(weights_dir)
+        started = time.perf_counter()
+        export_onnx(model, work / f"{preset}.onnx")
+        print(f"[{preset}] ONNX export + check {time.perf_counter() - started:.0f} s", flush=True)
+        impls = implementations(preset, model, weights_dir, work, args.compile)
+        for size, batch in SETTINGS:
+            pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size))
+            started = time.perf_counter()
+            times = time_interleaved(impls, pixels, args.rounds)
+            diffs = distances(impls, pixels)
+            print(f"[{preset}] {size}x{size} batch {batch}: timed in {time.perf_counter() - started:.0f} s",
+                  flush=True)
+            for name in impls:
+                memory = peak_memory(name, preset, size, batch, weights_dir, work, args.threads) if args.memory \
+                    else None
+                results["cells"].append({
+                    "model": preset, "size": size, "batch": batch, "impl": name,
+                    "img_s": batch / statistics.median(times[name]), "times": times[name],
+                    "max_abs_diff": diffs[name][0], "min_cls_cosine": diffs[name][1], "peak_mib": memory})
+        del impls
+    if torch.cuda.is_available():
+        results["cuda"] = cuda_section(args.models, args.rounds)
+    return results
+
+
+def print_tables(results: dict) -> None:
+    cells = results["cells"]
+    for preset in dict.fromkeys(c["model"] for c in cells):
+        for size, batch in SETTINGS:
+            rows = [c for c in cells if c["model"] == preset and c["size"] == size and c["batch"] == batch]
+            if not rows:
+                continue
+            base = next(c["img_s"] for c in rows if c["impl"].startswith("transformers"))
+            print(f"\n{preset}, fp32, {size}x{size}, batch {batch} ({results['threads']} threads, "
+                  f"median of {results['rounds']} interleaved rounds)\n")
+            print("| implementation | img/s | vs transformers | peak MiB | max abs diff | min CLS cosine |")
+            print("|---|---|---|---|---|---|")
+            for c in rows:
+                memory = f"{c['peak_mib']:.0f}" if c["peak_mib"] is not None else "n/a"
+                print(f"| {c['impl']} | {c['img_s']:.2f} | {c['img_s'] / base:.2f}x | {memory} | "
+                      f"{c['max_abs_diff']:.1e} | {c['min_cls_cosine']:.4f} |")
+    if results.get("cuda"):
+        print("\nCUDA, bf16, 518x518, batch 64\n\n| model | implementation | img/s | peak MiB |\n|---|---|---|---|")
+        for row in results["cuda"]:
+            print(f"| {row['model']} | {row['impl']} | {row['img_s']:.1f} | {row['peak_mib']:.0f} |")
+    else:
+        print("\n(no GPU: CUDA section skipped)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["vits14", "vitb14"], choices=sorted(TIMM_NAMES))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    # internal: one memory measurement in a subprocess
+    parser.add_argument("--memory-impl", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--preset", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=224, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--weights-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--onnx-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_impl:
+        measure_memory_child(args)
+        return
+    results = run(args)
+    print_tables(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
