@@ -10,6 +10,8 @@ import sys
 COMMAND_MODULES = [
     "dinokit.checkpoints",
     "dinokit.apps.cli",
+    "dinokit.ssl.trainer",
+    "dinokit.eval.cli",
     "dinokit.export.cli",
 ]
 

@@ -1,0 +1,230 @@
+"""Frozen-backbone features for the evaluation protocols, extracted once and cached on disk.
+
+For every image we keep what all protocols need (Meta's `get_intermediate_layers(x, 4, return_class_token=True)`):
+- `cls_blocks` (N, 4, D): the CLS token of the last 4 blocks, each through the final norm; the last one is the
+  "final-norm CLS" used by k-NN and logistic regression;
+- `patch_mean` (N, D): the mean of the last block's normed patch tokens (registers excluded).
+
+Cache. Features are stored under `<cache_dir>/<key>/` as .npy files (read back as memmaps) with a JSON manifest.
+The key hashes everything that changes the features: the model's weights (every tensor of its state dict) and
+config, the image list (paths, labels, file sizes and modification times), the transform and the block count.
+A changed image file or model therefore gets new features; an identical request reads the cache with no model
+forward. Entries are written to a temporary folder and renamed, so an interrupted run leaves no half entry.
+
+Unreadable images are skipped and reported: `FeatureSet.skipped` lists (path, reason); they are never counted
+in accuracies, and the protocols' results state how many there were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dinokit.eval.data import ImageDataset, LabelledImages, collate_skipping_unreadable
+
+CACHE_FORMAT = 1
+N_LAST_BLOCKS = 4
+
+
+def default_cache_dir() -> Path:
+    """`$DINOKIT_CACHE/features`, else `$XDG_CACHE_HOME/dinokit/features`, else `~/.cache/dinokit/features`."""
+    if os.environ.get("DINOKIT_CACHE"):
+        return Path(os.environ["DINOKIT_CACHE"]).expanduser() / "features"
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dinokit" / "features"
+
+
+def default_transform():
+    """The DINOv2 eval transform: resize short side 256 (bicubic), centre crop 224, ImageNet normalisation."""
+    from dinokit.processing import eval_transform
+
+    return eval_transform(resize=256, crop=224)
+
+
+@dataclass
+class FeatureSet:
+    """Features of the readable images of a labelled set (rows in the order of `paths`)."""
+
+    cls_blocks: np.ndarray  # (N, blocks, D) float32
+    patch_mean: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64
+    paths: list[str]
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable images
+    from_cache: bool = False
+
+    @property
+    def final_cls(self) -> np.ndarray:
+        """Final-norm CLS token (N, D): the k-NN and logistic-regression feature."""
+        return self.cls_blocks[:, -1]
+
+    def summary(self) -> dict:
+        return {"images": len(self.labels), "classes": len(self.classes), "skipped_unreadable": len(self.skipped),
+                "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped], "from_cache": self.from_cache}
+
+
+def backbone_module(model: nn.Module) -> nn.Module:
+    """The module with Meta's `get_intermediate_layers` (dinokit models and Meta-style backbones have it)."""
+    if hasattr(model, "get_intermediate_layers"):
+        return model
+    raise TypeError(f"{type(model).__name__} has no get_intermediate_layers(); pass a dinokit model (or a model "
+                    f"spec that dinokit.load_model accepts).")
+
+
+def model_depth(model: nn.Module) -> int | None:
+    """Number of transformer blocks, when the model says."""
+    config = getattr(model, "config", None)
+    for value in (getattr(model, "n_blocks", None), getattr(config, "num_hidden_layers", None)):
+        if value is not None:
+            return int(value)
+    return None
+
+
+@torch.no_grad()
+def backbone_features(model: nn.Module, pixel_values: torch.Tensor,
+                      n_blocks: int = N_LAST_BLOCKS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cls_blocks (B, n, D), patch_mean (B, D)) in float32 from a frozen backbone, n = min(n_blocks, depth)."""
+    depth = model_depth(model)
+    n_blocks = min(n_blocks, depth) if depth else n_blocks
+    outputs = backbone_module(model).get_intermediate_layers(pixel_values, n_blocks, return_class_token=True)
+    cls_blocks = torch.stack([cls for _, cls in outputs], dim=1)
+    patch_mean = outputs[-1][0].mean(dim=1)
+    return cls_blocks.float(), patch_mean.float()
+
+
+def _hash_model(model: nn.Module, digest) -> None:
+    config = getattr(model, "config", None)
+    digest.update(type(model).__name__.encode())
+    if hasattr(config, "to_json_string"):
+        digest.update(config.to_json_string().encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def cache_key(model: nn.Module, images: LabelledImages, transform, n_blocks: int = N_LAST_BLOCKS) -> str:
+    """Hash of model weights + config, image list (+ sizes and mtimes), transform and block count."""
+    digest = hashlib.blake2b(digest_size=20)
+    depth = model_depth(model)
+    n_blocks = min(n_blocks, depth) if depth else n_blocks
+    digest.update(f"dinokit-features-v{CACHE_FORMAT}:blocks={n_blocks}:{transform!r}".encode())
+    _hash_model(model, digest)
+    digest.update(json.dumps(images.classes).encode())
+    for path, label in zip(images.paths, images.labels):
+        try:
+            stat = os.stat(path)
+            state = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            state = "missing"
+        digest.update(f"{path}\0{label}\0{state}\n".encode())
+    return digest.hexdigest()
+
+
+def _load_cached(entry: Path, images: LabelledImages) -> FeatureSet:
+    manifest = json.loads((entry / "manifest.json").read_text())
+    return FeatureSet(
+        cls_blocks=np.load(entry / "cls_blocks.npy", mmap_mode="r"),
+        patch_mean=np.load(entry / "patch_mean.npy", mmap_mode="r"),
+        labels=np.load(entry / "labels.npy"),
+        paths=manifest["paths"], classes=images.classes,
+        skipped=[tuple(item) for item in manifest["skipped"]], from_cache=True)
+
+
+def staging_dir(target: Path) -> Path:
+    """An empty folder beside `target` to write into and then rename; mkdtemp's 0700 widened to the umask's."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
+
+
+def _write_entry(entry: Path, features: FeatureSet, description: dict) -> None:
+    temporary = staging_dir(entry)
+    try:
+        np.save(temporary / "cls_blocks.npy", features.cls_blocks)
+        np.save(temporary / "patch_mean.npy", features.patch_mean)
+        np.save(temporary / "labels.npy", features.labels)
+        manifest = {"format": CACHE_FORMAT, **description, "paths": features.paths,
+                    "skipped": [list(item) for item in features.skipped]}
+        (temporary / "manifest.json").write_text(json.dumps(manifest))
+        os.replace(temporary, entry)
+    except OSError:
+        if entry.exists():  # another process wrote the same entry first: identical content
+            shutil.rmtree(temporary, ignore_errors=True)
+            return
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+@torch.no_grad()
+def compute_features(model: nn.Module, images: LabelledImages, *, transform=None, batch_size: int = 64,
+                     num_workers: int = 0, n_blocks: int = N_LAST_BLOCKS, device: str | torch.device = "cpu",
+                     progress: bool = True, description: str = "features") -> FeatureSet:
+    """Run the backbone over every image (no cache). Unreadable images are skipped and listed."""
+    transform = default_transform() if transform is None else transform
+    device = torch.device(device)
+    model = backbone_module(model).to(device).eval()
+    loader = torch.utils.data.DataLoader(ImageDataset(images.paths, images.labels, transform),
+                                         batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=collate_skipping_unreadable)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=description, unit="batch")
+    cls_parts, patch_parts, index_parts, skipped = [], [], [], []
+    for batch in loader:
+        skipped += [(images.paths[index], reason) for index, reason in batch["errors"]]
+        if batch["pixel_values"] is None:
+            continue
+        cls_blocks, patch_mean = backbone_features(model, batch["pixel_values"].to(device), n_blocks)
+        cls_parts.append(cls_blocks.cpu().numpy())
+        patch_parts.append(patch_mean.cpu().numpy())
+        index_parts.append(batch["indices"].numpy())
+    if not index_parts:
+        raise ValueError(f"None of the {len(images)} images of {images.source} could be read "
+                         f"(first error: {skipped[0][1] if skipped else 'none'}).")
+    if skipped:
+        warnings.warn(f"Skipped {len(skipped)} unreadable image(s) of {images.source}, e.g. {skipped[0][0]}: "
+                      f"{skipped[0][1]}", stacklevel=2)
+    kept = np.concatenate(index_parts)
+    return FeatureSet(cls_blocks=np.concatenate(cls_parts), patch_mean=np.concatenate(patch_parts),
+                      labels=np.asarray(images.labels, dtype=np.int64)[kept],
+                      paths=[images.paths[i] for i in kept], classes=images.classes, skipped=skipped)
+
+
+def extract_features(model: nn.Module, images: LabelledImages, *, transform=None, batch_size: int = 64,
+                     num_workers: int = 0, n_blocks: int = N_LAST_BLOCKS, device: str | torch.device = "cpu",
+                     cache_dir: str | os.PathLike | None = "default", progress: bool = True,
+                     description: str = "features") -> FeatureSet:
+    """Features of a labelled image set, from the cache when this exact model / data / transform was seen.
+
+    `cache_dir="default"` uses `default_cache_dir()`; `None` disables caching.
+    """
+    transform = default_transform() if transform is None else transform
+    if cache_dir is None:
+        return compute_features(model, images, transform=transform, batch_size=batch_size,
+                                num_workers=num_workers, n_blocks=n_blocks, device=device, progress=progress,
+                                description=description)
+    cache_dir = default_cache_dir() if cache_dir == "default" else Path(cache_dir).expanduser()
+    key = cache_key(model, images, transform, n_blocks)
+    entry = cache_dir / key
+    if (entry / "manifest.json").is_file():
+        return _load_cached(entry, images)
+    features = compute_features(model, images, transform=transform, batch_size=batch_size,
+                                num_workers=num_workers, n_blocks=n_blocks, device=device, progress=progress,
+                                description=description)
+    _write_entry(entry, features, {"source": images.source, "transform": repr(transform), "n_blocks": n_blocks,
+                                   "model_class": type(model).__name__, "classes": images.classes})
+    return features
