@@ -228,7 +228,9 @@ from dinokit.apps.embed import embed
 model = load_model(sys.argv[1])
 report = embed(sys.argv[2], model, sys.argv[3], image_size=56, batch_size=4, shard_size=5, num_workers=1,
                progress=False)
-print("rank", os.environ.get("RANK", "-"), "of", os.environ.get("WORLD_SIZE", "1"), "embedded", report.num_embedded)
+# one write per line: the ranks share an unbuffered pipe, and print() writes each argument separately
+sys.stdout.write(f"rank {os.environ.get('RANK', '-')} of {os.environ.get('WORLD_SIZE', '1')} "
+                 f"embedded {report.num_embedded}\\n")
 """
 
 
