@@ -29,7 +29,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 C_VALUES = tuple(float(c) for c in 10.0 ** np.linspace(-6, 5, 45))
 LOGREG_MAX_ITER = 1000  # the reference's (cuML, each fit from scratch)
@@ -129,6 +128,8 @@ def logreg_evaluate(
     test_features = np.asarray(test_features, dtype=dtype)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     c_values = sorted(float(c) for c in c_values)  # ascending: each warm start comes from a stronger penalty
+
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn (the `eval` extra)
 
     threads = 1 if train_features.size < SMALL_PROBLEM_VALUES else None
     with threadpool_limits(limits=threads, user_api="blas"):
