@@ -56,7 +56,42 @@ def sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_samples,
     return Q.t()
 
 
-class DINOLoss(nn.Module):
+class _OneStepLateCenter(nn.Module):
+    """Softmax-centering state shared by DINOLoss and iBOTPatchLoss: the batch sum is (all-)reduced
+    asynchronously by `reduce_center_update` and folded into the EMA one step late by `apply_center_update`.
+    `state_dict()` applies a pending update first, so a checkpoint taken between steps resumes exactly."""
+
+    def __init__(self, center_shape: tuple[int, ...], student_temp: float, center_momentum: float):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(*center_shape))
+        self.updated = True
+        self.reduce_handle = None
+        self.center_count = None
+        self.async_batch_center = None
+        self.register_state_dict_pre_hook(_apply_pending_center_update)
+
+    @torch.no_grad()
+    def _start_center_update(self, batch_sum: torch.Tensor, count: int) -> None:
+        self.updated = False
+        self.center_count = count
+        self.async_batch_center = batch_sum
+        if _is_distributed():
+            self.reduce_handle = dist.all_reduce(self.async_batch_center, async_op=True)
+
+    @torch.no_grad()
+    def apply_center_update(self):
+        if self.updated is False:
+            if self.reduce_handle is not None:
+                self.reduce_handle.wait()
+                self.reduce_handle = None
+            batch_center = self.async_batch_center / (self.center_count * _world_size())
+            self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+            self.updated = True
+
+
+class DINOLoss(_OneStepLateCenter):
     """Cross-entropy between the teacher's centred, sharpened CLS distribution and the student's (Meta's DINOLoss).
 
     Centre update is one step late, as in Meta's code: `update_center` starts the (all-)reduction of the batch
@@ -65,15 +100,7 @@ class DINOLoss(nn.Module):
     """
 
     def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.updated = True
-        self.reduce_handle = None
-        self.len_teacher_output = None
-        self.async_batch_center = None
-        self.register_state_dict_pre_hook(_apply_pending_center_update)
+        super().__init__((1, out_dim), student_temp, center_momentum)
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output, teacher_temp):
@@ -101,24 +128,10 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def reduce_center_update(self, teacher_output):
-        self.updated = False
-        self.len_teacher_output = len(teacher_output)
-        self.async_batch_center = torch.sum(teacher_output.float(), dim=0, keepdim=True)
-        if _is_distributed():
-            self.reduce_handle = dist.all_reduce(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self):
-        if self.updated is False:
-            if self.reduce_handle is not None:
-                self.reduce_handle.wait()
-                self.reduce_handle = None
-            batch_center = self.async_batch_center / (self.len_teacher_output * _world_size())
-            self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-            self.updated = True
+        self._start_center_update(torch.sum(teacher_output.float(), dim=0, keepdim=True), len(teacher_output))
 
 
-class iBOTPatchLoss(nn.Module):  # noqa: N801 - Meta's name
+class iBOTPatchLoss(_OneStepLateCenter):  # noqa: N801 - Meta's name
     """Cross-entropy between teacher and student distributions of the masked patch tokens (Meta's iBOTPatchLoss).
 
     The centre has shape (1, 1, K) and is updated one step late like DINOLoss's. As in Meta's code, the batch
@@ -127,15 +140,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - Meta's name
     """
 
     def __init__(self, patch_out_dim, student_temp=0.1, center_momentum=0.9):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
-        self.updated = True
-        self.reduce_handle = None
-        self.len_teacher_patch_tokens = None
-        self.async_batch_center = None
-        self.register_state_dict_pre_hook(_apply_pending_center_update)
+        super().__init__((1, 1, patch_out_dim), student_temp, center_momentum)
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_patch_tokens, teacher_temp):
@@ -191,21 +196,8 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - Meta's name
 
     @torch.no_grad()
     def reduce_center_update(self, teacher_patch_tokens):
-        self.updated = False
-        self.len_teacher_patch_tokens = len(teacher_patch_tokens)
-        self.async_batch_center = torch.sum(teacher_patch_tokens.float().mean(1), dim=0, keepdim=True)
-        if _is_distributed():
-            self.reduce_handle = dist.all_reduce(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self):
-        if self.updated is False:
-            if self.reduce_handle is not None:
-                self.reduce_handle.wait()
-                self.reduce_handle = None
-            batch_center = self.async_batch_center / (self.len_teacher_patch_tokens * _world_size())
-            self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-            self.updated = True
+        self._start_center_update(torch.sum(teacher_patch_tokens.float().mean(1), dim=0, keepdim=True),
+                                  len(teacher_patch_tokens))
 
 
 def _apply_pending_center_update(module, prefix, keep_vars):
