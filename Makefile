@@ -14,8 +14,9 @@ $(STAMP): $(PY) pyproject.toml requirements-dev.txt
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# make demo [DATA=<image folder>] [MINUTES=3]: pretrain a tiny DINOv2 on the CPU, k-NN vs random init, PCA picture.
 demo: $(STAMP)
-	$(PY) -m dinokit.demo
+	$(PY) -m dinokit.demo $(if $(DATA),--data $(DATA)) $(if $(MINUTES),--minutes $(MINUTES))
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -1,10 +1,12 @@
-"""Inference fast path for Linear layers on CPU: oneDNN's fused linear (+ bias + GELU in one kernel).
+"""Fast path for Linear layers on CPU: oneDNN's linear (+ bias + GELU fused at inference).
 
-On CPUs where MKL's sgemm takes a slow code path (e.g. AMD), oneDNN's matmul is 2-3x faster and fuses the
-bias add and the activation into the GEMM epilogue, saving whole passes over memory. Used only where it
-cannot change training: CPU, float32, no autograd, not while tracing/exporting. The summation order differs
-from MKL's, so results differ from `F.linear` at float32 rounding level (~1e-6 relative); set
-`DINOKIT_ONEDNN_LINEAR=0` (or call `set_fast_linear(False)`) to use plain `F.linear` everywhere.
+On CPUs where MKL's sgemm takes a slow code path (e.g. AMD), oneDNN's matmul is 2-3x faster and, at inference,
+fuses the bias add and the activation into the GEMM epilogue, saving whole passes over memory. With autograd
+(CPU training) the forward product and the input gradient go through oneDNN too; the weight gradient stays on
+`torch.mm`, which is as fast for that layout and needs no transposed copies. Used on CPU in float32 only,
+outside autocast and not while tracing/exporting. The summation order differs from MKL's, so results differ
+from `F.linear` at float32 rounding level (~1e-6 relative); set `DINOKIT_ONEDNN_LINEAR=0` (or call
+`set_fast_linear(False)`) to use plain `F.linear` everywhere.
 """
 
 from __future__ import annotations
@@ -35,7 +37,32 @@ def fast_linear_enabled() -> bool:
 
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (_enabled and _OP is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not torch.is_grad_enabled() and not is_tracing())
+            and weight.dtype == torch.float32 and not is_tracing() and not torch.is_autocast_enabled("cpu"))
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """y = x W^T + b with oneDNN for the forward product and the input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _OP(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # oneDNN computes a @ w^T, so pass W^T (in, out) as its weight to get grad_out @ W.
+            grad_x = _OP(grad_out, weight.t().contiguous(), None, "none", [], "")
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = flat_grad.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = flat_grad.sum(0)
+        return grad_x, grad_weight, grad_bias
 
 
 def post_op_name(act: torch.nn.Module | None) -> str | None:
@@ -50,6 +77,9 @@ def post_op_name(act: torch.nn.Module | None) -> str | None:
 def linear(x: torch.Tensor, layer: torch.nn.Linear, act: torch.nn.Module | None = None) -> torch.Tensor:
     """`act(layer(x))`, fused on CPU at inference; `act` may be None."""
     if _usable(x, layer.weight):
+        if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
+            y = _OneDnnLinear.apply(x, layer.weight, layer.bias)
+            return act(y) if act is not None else y
         post = post_op_name(act)
         if act is None or post is not None:
             attr, algorithm = _POST_OPS[post] if post else ("none", "")
