@@ -32,6 +32,23 @@ def _augmentation(**kwargs) -> DataAugmentationDINO:
 # --- augmentation ----------------------------------------------------------------------------------------------
 
 
+def test_photometric_probabilities_are_configurable_and_zero_keeps_colours():
+    # A solid-colour image: with every photometric probability at 0 only the geometry acts, so each crop is the
+    # normalised colour exactly; with Meta's defaults some of 40 draws must change it.
+    image = Image.new("RGB", (40, 30), (200, 60, 30))
+    expected = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))(
+        torch.tensor([200, 60, 30], dtype=torch.float32).div(255).view(3, 1, 1).expand(3, 32, 32))
+    plain = _augmentation(color_jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=0.0, blur_probs=(0, 0, 0))
+    for _ in range(10):
+        out = plain(image)
+        for crop in out["global_crops"]:
+            assert torch.allclose(crop, expected, atol=1e-5)
+    torch.manual_seed(0)
+    default = _augmentation()
+    changed = sum(not torch.allclose(default(image)["global_crops"][1], expected, atol=1e-3) for _ in range(40))
+    assert changed > 20
+
+
 def test_augmentation_returns_two_global_and_n_local_normalised_crops_in_metas_dict():
     out = _augmentation()(_image())
     assert set(out) == {"global_crops", "global_crops_teacher", "local_crops", "offsets"}

@@ -2,7 +2,8 @@
 
 Per image: 2 global crops and n local crops. Global: RandomResizedCrop(bicubic) + flip; local likewise at a
 smaller size and scale. Every crop: colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur (kernel 9, sigma
-0.1-2.0), ImageNet normalisation; the second global crop is also solarized (p 0.2).
+0.1-2.0), ImageNet normalisation; the second global crop is also solarized (p 0.2). The three photometric
+probabilities are arguments (Meta's values by default) for data where colour carries the signal.
 
 Blur probabilities: Meta's GaussianBlur(p) wraps torchvision's RandomApply with 1 - p, so the nominal rates
 1.0 / 0.1 / 0.5 (global 1 / global 2 / local) were applied as 0.0 / 0.9 / 0.5. Those EFFECTIVE rates trained the
@@ -40,6 +41,9 @@ class DataAugmentationDINO:
         global_crops_size=224,
         local_crops_size=96,
         blur_probs="effective",
+        color_jitter_prob=0.8,
+        grayscale_prob=0.2,
+        solarize_prob=0.2,
     ):
         self.global_crops_scale = global_crops_scale
         self.local_crops_scale = local_crops_scale
@@ -70,15 +74,16 @@ class DataAugmentationDINO:
         color_jittering = transforms.Compose(
             [
                 transforms.RandomApply(
-                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                    p=color_jitter_prob,
                 ),
-                transforms.RandomGrayscale(p=0.2),
+                transforms.RandomGrayscale(p=grayscale_prob),
             ]
         )
         blur_global1, blur_global2, blur_local = self.blur_probs
         global_transfo1_extra = random_gaussian_blur(blur_global1)
         global_transfo2_extra = transforms.Compose(
-            [random_gaussian_blur(blur_global2), transforms.RandomSolarize(threshold=128, p=0.2)]
+            [random_gaussian_blur(blur_global2), transforms.RandomSolarize(threshold=128, p=solarize_prob)]
         )
         local_transfo_extra = random_gaussian_blur(blur_local)
 

@@ -95,7 +95,9 @@ def build_dataset(cfg, source) -> UnlabeledImageDataset:
     crops = cfg.crops
     transform = DataAugmentationDINO(tuple(crops.global_crops_scale), tuple(crops.local_crops_scale),
                                      crops.local_crops_number, global_crops_size=crops.global_crops_size,
-                                     local_crops_size=crops.local_crops_size, blur_probs=crops.blur_probs)
+                                     local_crops_size=crops.local_crops_size, blur_probs=crops.blur_probs,
+                                     color_jitter_prob=crops.color_jitter_prob, grayscale_prob=crops.grayscale_prob,
+                                     solarize_prob=crops.solarize_prob)
     return UnlabeledImageDataset(source, transform=transform)
 
 
