@@ -87,16 +87,19 @@ def _pca_picture(backbone, pixels: torch.Tensor, path: Path, patch_size: int, di
     return path
 
 
-def run_demo(output_dir="dinokit_demo", data=None, minutes: float = 3.0, threads: int | None = None) -> dict:
-    """Pretrain for `minutes`, then print and return k-NN accuracies (trained vs random init) and the picture path."""
+def run_demo(output_dir="dinokit_demo", data=None, minutes: float = 3.0, threads: int | None = None,
+             overrides: list[str] | None = None) -> dict:
+    """Pretrain for `minutes`, then print and return k-NN accuracies (trained vs random init) and the picture path.
+    `overrides`: extra `section.key=value` training settings."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
     source = Path(data) if data is not None else write_digits(output_dir / "digits")
-    cfg = load_train_config(DEMO_PRESET, ["train.num_workers=1", "train.saveckp_freq=100000", "train.log_freq=20"])
-    # Schedule sized for roughly 25 images/s on two busy cores; the time budget stops the run in any case.
-    iterations = max(40, int(minutes * 60 * 25 / cfg.train.batch_size_per_gpu))
+    cfg = load_train_config(DEMO_PRESET, ["train.num_workers=1", "train.saveckp_freq=100000", "train.log_freq=20",
+                                          *(overrides or [])])
+    # Schedule sized for about 50 images/s (two cores); the time budget stops the run in any case.
+    iterations = max(40, int(minutes * 60 * 50 / cfg.train.batch_size_per_gpu))
     cfg.train.OFFICIAL_EPOCH_LENGTH = math.ceil(iterations / cfg.optim.epochs)
 
     try:
@@ -128,7 +131,7 @@ def run_demo(output_dir="dinokit_demo", data=None, minutes: float = 3.0, threads
             from dinokit.processing import load_image
 
             paths = list_image_files(source)[:8]
-            pixels = torch.stack([torch.from_numpy(np.asarray(
+            pixels = torch.stack([torch.from_numpy(np.array(
                 load_image(p).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))).permute(2, 0, 1)
                 for p in paths])
     chosen = torch.linspace(0, len(pixels) - 1, min(8, len(pixels))).long()
