@@ -34,7 +34,18 @@ def collate_data_and_cast(samples_list, mask_ratio_tuple, mask_probability, dtyp
         else torch.empty(0)
     )
 
-    B = len(collated_global_crops)
+    masks = draw_masks(len(collated_global_crops), mask_ratio_tuple, mask_probability, n_tokens, mask_generator)
+    return {
+        "collated_global_crops": collated_global_crops.to(dtype),
+        "collated_local_crops": collated_local_crops.to(dtype),
+        **masks,
+    }
+
+
+def draw_masks(n_crops: int, mask_ratio_tuple, mask_probability, n_tokens=None, mask_generator=None) -> dict:
+    """The iBOT masks of `n_crops` global crops (Meta's collate, training.md §7): collated_masks (n, N) bool,
+    mask_indices_list, masks_weight, upperbound, n_masked_patches. Draws from Python's `random`."""
+    B = n_crops
     N = mask_generator.num_patches if n_tokens is None else n_tokens
     n_samples_masked = int(B * mask_probability)
     probs = torch.linspace(*mask_ratio_tuple, n_samples_masked + 1)
@@ -54,10 +65,7 @@ def collate_data_and_cast(samples_list, mask_ratio_tuple, mask_probability, dtyp
     mask_indices_list = collated_masks.flatten().nonzero().flatten()
 
     masks_weight = (1 / collated_masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(collated_masks)[collated_masks]
-
     return {
-        "collated_global_crops": collated_global_crops.to(dtype),
-        "collated_local_crops": collated_local_crops.to(dtype),
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,

@@ -2,7 +2,8 @@
 
 Every random draw of the data pipeline is a function of (seed, global sample number): the crop augmentation of
 sample g is drawn under `torch.manual_seed(f(seed, g))` and the iBOT masks of a batch under `random.seed(...)`
-of its first sample number. So the stream does not depend on the number of DataLoader workers or on when the
+of its first sample number (with `crops.backend: tensor`, the batch's crops too, under a generator seeded the
+same way). So the stream does not depend on the number of DataLoader workers or on when the
 loader was (re)started: resuming at iteration i yields exactly the batches an uninterrupted run would have seen.
 
 Order (Meta's sharded infinite sampler, exact-resume form): pass p over the dataset is the permutation drawn
@@ -16,8 +17,15 @@ import random
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torchvision.transforms import PILToTensor
 
-from dinokit.data import DataAugmentationDINO, UnlabeledImageDataset, collate_data_and_cast
+from dinokit.data import (
+    BatchDataAugmentationDINO,
+    DataAugmentationDINO,
+    UnlabeledImageDataset,
+    collate_data_and_cast,
+    draw_masks,
+)
 from dinokit.ssl.masking import MaskingGenerator
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, sample) pairs over seeds
@@ -71,19 +79,31 @@ class SeededSamples(Dataset):
 
 class SeededCollate:
     """`collate_data_and_cast` with the batch's masks drawn from a seed of its first sample number; adds
-    `first_sample` and `skipped` ((worker id, files that worker skipped so far))."""
+    `first_sample` and `skipped` ((worker id, files that worker skipped so far)). With `batch_augmentation`
+    (a `BatchDataAugmentationDINO`) the samples are uint8 images and the crops are made here, for the whole
+    batch at once, under a generator seeded from the first sample number."""
 
-    def __init__(self, seed: int, mask_ratio_tuple, mask_probability: float, n_tokens: int, mask_generator):
+    def __init__(self, seed: int, mask_ratio_tuple, mask_probability: float, n_tokens: int, mask_generator,
+                 batch_augmentation: BatchDataAugmentationDINO | None = None):
         self.seed, self.mask_ratio_tuple, self.mask_probability = seed, tuple(mask_ratio_tuple), mask_probability
         self.n_tokens, self.mask_generator = n_tokens, mask_generator
+        self.batch_augmentation = batch_augmentation
 
     def __call__(self, samples):
         first = min(info[0] for _, info in samples)
         state = random.getstate()
         random.seed(sample_seed(self.seed + 1, first))
         try:
-            batch = collate_data_and_cast(samples, self.mask_ratio_tuple, self.mask_probability, torch.float32,
-                                          n_tokens=self.n_tokens, mask_generator=self.mask_generator)
+            if self.batch_augmentation is None:
+                batch = collate_data_and_cast(samples, self.mask_ratio_tuple, self.mask_probability,
+                                              torch.float32, n_tokens=self.n_tokens,
+                                              mask_generator=self.mask_generator)
+            else:
+                generator = torch.Generator().manual_seed(sample_seed(self.seed + 2, first))
+                global_crops, local_crops = self.batch_augmentation([image for image, _ in samples], generator)
+                batch = {"collated_global_crops": global_crops, "collated_local_crops": local_crops,
+                         **draw_masks(global_crops.shape[0], self.mask_ratio_tuple, self.mask_probability,
+                                      self.n_tokens, self.mask_generator)}
         finally:
             random.setstate(state)
         batch["first_sample"] = first
@@ -91,14 +111,20 @@ class SeededCollate:
         return batch
 
 
+def _augmentation_kwargs(crops) -> dict:
+    return dict(global_crops_scale=tuple(crops.global_crops_scale), local_crops_scale=tuple(crops.local_crops_scale),
+                local_crops_number=crops.local_crops_number, global_crops_size=crops.global_crops_size,
+                local_crops_size=crops.local_crops_size, blur_probs=crops.blur_probs,
+                color_jitter_prob=crops.color_jitter_prob, grayscale_prob=crops.grayscale_prob,
+                solarize_prob=crops.solarize_prob)
+
+
 def build_dataset(cfg, source) -> UnlabeledImageDataset:
-    crops = cfg.crops
-    transform = DataAugmentationDINO(tuple(crops.global_crops_scale), tuple(crops.local_crops_scale),
-                                     crops.local_crops_number, global_crops_size=crops.global_crops_size,
-                                     local_crops_size=crops.local_crops_size, blur_probs=crops.blur_probs,
-                                     color_jitter_prob=crops.color_jitter_prob, grayscale_prob=crops.grayscale_prob,
-                                     solarize_prob=crops.solarize_prob)
-    return UnlabeledImageDataset(source, transform=transform)
+    """The training images. `crops.backend: pil`: each item is already augmented (Meta's per-crop PIL
+    transforms); `tensor`: each item is the uint8 image and the collate augments the whole batch."""
+    if cfg.crops.backend == "tensor":
+        return UnlabeledImageDataset(source, transform=PILToTensor())
+    return UnlabeledImageDataset(source, transform=DataAugmentationDINO(**_augmentation_kwargs(cfg.crops)))
 
 
 def build_loader(cfg, dataset: UnlabeledImageDataset, start_iteration: int = 0, rank: int = 0,
@@ -109,8 +135,11 @@ def build_loader(cfg, dataset: UnlabeledImageDataset, start_iteration: int = 0, 
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     n_tokens = grid * grid
     mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * n_tokens)
+    batch_augmentation = None
+    if cfg.crops.backend == "tensor":
+        batch_augmentation = BatchDataAugmentationDINO(**_augmentation_kwargs(cfg.crops))
     collate = SeededCollate(seed, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability, n_tokens,
-                            mask_generator)
+                            mask_generator, batch_augmentation)
     sampler = InfiniteShardedSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
                                      start=start_iteration * batch_size)
     num_workers = int(cfg.train.num_workers)

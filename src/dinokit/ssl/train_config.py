@@ -117,5 +117,8 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.crops.local_crops_number and cfg.crops.local_crops_size % cfg.student.patch_size:
         raise ValueError(f"crops.local_crops_size ({cfg.crops.local_crops_size}) must be a multiple of "
                          f"student.patch_size ({cfg.student.patch_size}).")
+    if cfg.crops.backend not in ("pil", "tensor"):
+        raise ValueError(f"crops.backend={cfg.crops.backend!r}: use 'pil' (Meta's per-crop transforms) or 'tensor' "
+                         "(batched).")
     if cfg.train.batch_size_per_gpu < 1:
         raise ValueError("train.batch_size_per_gpu must be at least 1.")
