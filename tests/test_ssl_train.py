@@ -212,6 +212,22 @@ def test_two_process_gloo_run_trains_and_only_rank_0_writes(images, tmp_path):
     assert (run / "teacher" / "model.safetensors").is_file()
 
 
+def test_two_process_run_with_a_separate_ibot_head_survives_steps_without_masked_patches(images, tmp_path):
+    # No crop is masked, so iBOT is skipped on every step; the separate iBOT head must still take part in DDP's
+    # backward (zero gradient) or the reducer fails. Also runs the batched (tensor) augmentation under DDP.
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "dinokit", "train", "--data", str(images), "--output", str(run), "--no-progress",
+               *TINY, "train.max_iterations=2", "train.batch_size_per_gpu=4", "ibot.separate_head=true",
+               "ibot.mask_sample_probability=0.0", "crops.backend=tensor"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _metrics(run)
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert all(r["ibot_loss"] == 0.0 and math.isfinite(r["total_loss"]) for r in records)
+
+
 def test_periodic_knn_evaluation_logs_the_teachers_accuracy(images, tmp_path):
     labelled = tmp_path / "labelled"
     for i, path in enumerate(sorted(images.glob("*.png"))):

@@ -262,8 +262,13 @@ class SSLMetaArch(nn.Module):
             teacher_out = self.teacher(inputs["teacher_crops"], mask_indices=ibot_indices)
         dino_targets, ibot_targets = self.teacher_targets(teacher_out, teacher_temp, inputs["n_masked_total"])
 
+        student_indices = ibot_indices
+        if student_indices is None and self.do_ibot and self.student.ibot_head is not None:
+            # No masked patch on some rank this step: run the separate iBOT head on zero patches anyway, so
+            # every parameter takes part in backward (DDP's reducer requires it) and gets a zero gradient.
+            student_indices = global_crops.new_zeros(0, dtype=torch.long)
         with self.autocast():
-            student_out = self.student_forward(global_crops, local_crops, inputs["student_masks"], ibot_indices)
+            student_out = self.student_forward(global_crops, local_crops, inputs["student_masks"], student_indices)
 
         losses: dict[str, torch.Tensor] = {}
         if self.do_dino:
@@ -279,7 +284,8 @@ class SSLMetaArch(nn.Module):
                 student_out["masked_patch_head"], ibot_targets, student_masks_flat=inputs["masks_flat"],
                 n_masked_patches=int(ibot_indices.shape[0]), masks_weight=inputs["masks_weight"])
         elif self.do_ibot:
-            losses["ibot_loss"] = student_out["global_cls_head"].sum() * 0.0
+            unused = student_out["masked_patch_head"]
+            losses["ibot_loss"] = (unused if unused is not None else student_out["global_cls_head"]).sum() * 0.0
         total = sum(losses.values())
         stats = target_statistics(dino_targets)
         if cfg.train.centering == "centering":
