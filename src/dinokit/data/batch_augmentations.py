@@ -93,13 +93,11 @@ def _rgb_to_hsv(x: torch.Tensor):
 
 
 def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
-                                                      (v, p, q))], 0)  # (6, N, 3, H, W)
-    return table.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1)).squeeze(0)
+    # Channel n of (r, g, b) = v - v·s·clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6, n = 5, 3, 1: the
+    # six-sector formula without materialising every sector.
+    h6 = h.unsqueeze(1) * 6.0
+    k = (torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h6) % 6.0
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
