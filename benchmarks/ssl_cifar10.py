@@ -11,6 +11,10 @@ is set so that --iterations (or, without it, the budget divided by a short calib
 --epochs. On a shared machine the calibration is noisy; the budget stops the run in any case.
 
     python benchmarks/ssl_cifar10.py --minutes 40 --results /work/notes/ssl_cifar10.json
+
+Under torchrun (`torchrun --standalone --nproc_per_node 2 benchmarks/ssl_cifar10.py --iterations N ...`) the
+ranks train together (DDP over gloo; train.batch_size_per_gpu images per rank) and rank 0 alone evaluates and
+writes; the budget is rank 0's training time.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ def main() -> None:
     parser.add_argument("--skip-full", action="store_true",
                         help="skip the final k-NN against all train images (about 10 minutes here)")
     parser.add_argument("--eval-points", type=int, default=3, help="k-NN evaluations during the run (+ the end)")
+    parser.add_argument("--eval-size", type=int, default=None,
+                        help="image size of the k-NN evaluation (default: the global crop size; CIFAR's own 32 px "
+                             "when training on smaller crops)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--workers", type=int, default=1, help="data-loading worker processes")
     parser.add_argument("--epochs", type=int, default=30, help="schedule epochs fitted into the budget")
@@ -72,6 +79,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    env = init_distributed("cpu")
+    if env.distributed and not args.iterations:
+        raise SystemExit("Under torchrun pass --iterations (every rank must plan the same schedule).")
 
     data = Path(args.data)
     if not (data / "train").is_dir() or not (data / "test").is_dir():
@@ -80,7 +90,14 @@ def main() -> None:
     load_start = os.getloadavg()
 
     cfg = load_train_config(args.config, [f"train.num_workers={args.workers}", *args.overrides])
-    size = cfg.crops.global_crops_size
+    size = args.eval_size or cfg.crops.global_crops_size
+    global_batch = cfg.train.batch_size_per_gpu * env.world_size
+    if not env.is_main:  # the other ranks only train
+        cfg.train.OFFICIAL_EPOCH_LENGTH = math.ceil(args.iterations / args.epochs)
+        cfg.optim.epochs = args.epochs
+        cfg.train.saveckp_freq = cfg.train.OFFICIAL_EPOCH_LENGTH * 5
+        Trainer(cfg, data / "train", args.output, env=env, progress=False).run(max_minutes=args.minutes)
+        return
     t0 = time.perf_counter()
     monitor = KnnMonitor(data / "train", data / "test", size, max_train=args.max_train, max_test=args.max_test, k=20)
     load_s = time.perf_counter() - t0
@@ -90,7 +107,8 @@ def main() -> None:
     results: dict = {
         "benchmark": "ssl_cifar10", "config": args.config, "overrides": args.overrides,
         "minutes_budget": args.minutes, "threads": args.threads, "workers": args.workers,
-        "knn": {"k": 20, "temperature": 0.07, "feature": "teacher final-norm CLS",
+        "processes": env.world_size, "global_batch": global_batch,
+        "knn": {"k": 20, "temperature": 0.07, "feature": "teacher final-norm CLS", "image_size": size,
                 "train_images": len(monitor.train_labels), "test_images": len(monitor.test_labels)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "loadavg_start": load_start, "shared": "other engineers' jobs ran at the same time"},
@@ -125,10 +143,9 @@ def main() -> None:
     total = epoch_length * args.epochs
     results["schedule"] = {"calibrated_s_per_iteration": seconds_per_iteration, "iterations_planned": total,
                            "epoch_length": epoch_length, "epochs": args.epochs,
-                           "batch_size": cfg.train.batch_size_per_gpu}
+                           "batch_size": global_batch}
     print(f"calibration: {seconds_per_iteration} s/iteration -> {total} iterations planned", flush=True)
 
-    env = init_distributed("cpu")
     trainer = Trainer(load_train_config(cfg.to_dict()), data / "train", args.output, env=env, progress=False)
     eval_at = [round(total * (i + 1) / (args.eval_points + 1)) for i in range(args.eval_points)]
     curve = [{"iteration": 0, "images_seen": 0, "train_minutes": 0.0,
@@ -142,7 +159,7 @@ def main() -> None:
             eval_at.pop(0)
             acc = monitor(trainer.arch.result_backbone())
             curve.append({"iteration": record["iteration"],
-                          "images_seen": record["iteration"] * cfg.train.batch_size_per_gpu,
+                          "images_seen": record["iteration"] * global_batch,
                           "train_minutes": record["elapsed_s"] / 60, "knn_top1": acc})
             print(f"k-NN at iteration {record['iteration']}: {acc:.2f}%", flush=True)
             _write(results_path, {**results, "curve": curve})
@@ -151,7 +168,7 @@ def main() -> None:
         raise SystemExit(f"{args.output} already holds a run; remove it or pass another --output.")
     last = trainer.run(max_minutes=args.minutes, on_log=on_log)
     final = monitor(trainer.arch.result_backbone())
-    curve.append({"iteration": last["iteration"], "images_seen": last["iteration"] * cfg.train.batch_size_per_gpu,
+    curve.append({"iteration": last["iteration"], "images_seen": last["iteration"] * global_batch,
                   "train_minutes": last["elapsed_s"] / 60, "knn_top1": final})
     if not args.skip_full:
         # The final figures against every train image (the protocol of issue #3's raw-pixel baseline).

@@ -365,9 +365,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 total, losses, stats = arch.forward_losses(batch, values["teacher_temp"])
 
-                # One reduction for logging, the finiteness check and the time budget (all ranks agree).
+                # One reduction for logging, the finiteness check and the time budget (all ranks agree). The
+                # budget is rank 0's clock: it alone pauses for evaluations, which the others wait out.
                 elapsed_min = (time.perf_counter() - start_time - paused) / 60
-                out_of_time = float(bool(max_minutes) and elapsed_min >= max_minutes)
+                out_of_time = float(env.is_main and bool(max_minutes) and elapsed_min >= max_minutes)
                 reduced = torch.stack([total.detach().float()] + [v.detach().float() for v in losses.values()]
                                       + [torch.tensor(out_of_time, device=total.device)])
                 reduced = _all_reduce_mean(reduced.clone(), env).tolist()
