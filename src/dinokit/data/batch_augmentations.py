@@ -6,7 +6,7 @@ area averaging, so shrinking is antialiased), then flip, colour jitter (brightne
 a random order per crop, as torchvision's ColorJitter), grayscale, Gaussian blur (kernel 9, sigma 0.1-2.0) and
 solarize as vectorised tensor ops, then ImageNet normalisation. On 32-px images it costs about 1 ms per image
 against 7-11 ms for the per-crop PIL pipeline, which matters when the model is small enough that augmentation is
-the bottleneck; at the official 224/98-px crops both cost about the same (roi_align dominates there).
+the bottleneck; at the official 224/98-px crops it is only about 1.3x faster (roi_align dominates there).
 
 It is not bit-identical to the PIL path (bilinear instead of bicubic resampling; float instead of uint8
 rounding between the colour steps); `crops.backend: pil` keeps Meta's exact transforms.
