@@ -60,6 +60,14 @@ def calibrate(cfg, dataset, steps: int = 4) -> float:
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
+def fit_schedule(cfg, iterations: int, epochs: int) -> int:
+    """Make the schedules span about `iterations` as `epochs` "epochs" (checkpoint every 5); returns the total."""
+    cfg.train.OFFICIAL_EPOCH_LENGTH = math.ceil(iterations / epochs)
+    cfg.optim.epochs = epochs
+    cfg.train.saveckp_freq = cfg.train.OFFICIAL_EPOCH_LENGTH * 5
+    return cfg.train.OFFICIAL_EPOCH_LENGTH * epochs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=40.0, help="training wall-clock budget")
@@ -98,9 +106,7 @@ def main() -> None:
     size = args.eval_size or cfg.crops.global_crops_size
     global_batch = cfg.train.batch_size_per_gpu * env.world_size
     if not env.is_main:  # the other ranks only train
-        cfg.train.OFFICIAL_EPOCH_LENGTH = math.ceil(args.iterations / args.epochs)
-        cfg.optim.epochs = args.epochs
-        cfg.train.saveckp_freq = cfg.train.OFFICIAL_EPOCH_LENGTH * 5
+        fit_schedule(cfg, args.iterations, args.epochs)
         Trainer(cfg, data / "train", args.output, env=env, progress=False).run(max_minutes=args.minutes)
         return
     t0 = time.perf_counter()
@@ -141,11 +147,8 @@ def main() -> None:
         # Plan 10% more than the calibration suggests: a run cut by the budget just ends with the lr not fully
         # decayed.
         iterations = max(50, int(args.minutes * 60 / seconds_per_iteration * 1.1))
-    epoch_length = math.ceil(iterations / args.epochs)
-    cfg.train.OFFICIAL_EPOCH_LENGTH = epoch_length
-    cfg.optim.epochs = args.epochs
-    cfg.train.saveckp_freq = epoch_length * 5
-    total = epoch_length * args.epochs
+    total = fit_schedule(cfg, iterations, args.epochs)
+    epoch_length = cfg.train.OFFICIAL_EPOCH_LENGTH
     results["schedule"] = {"calibrated_s_per_iteration": seconds_per_iteration, "iterations_planned": total,
                            "epoch_length": epoch_length, "epochs": args.epochs,
                            "batch_size": global_batch}

@@ -149,8 +149,8 @@ def test_tensor_backend_loader_batches_are_seeded_by_sample_number(tmp_path):
                                                "train.num_workers=0", "crops.local_crops_number=2"])
     dataset = build_dataset(cfg, _folder(tmp_path / "images"))
     assert dataset[0][0].dtype == torch.uint8
-    stream = build_loader(cfg, dataset)
-    batches = [next(iter_) for iter_ in [iter(stream)] for _ in range(3)]
+    stream = iter(build_loader(cfg, dataset))
+    batches = [next(stream) for _ in range(3)]
     first = batches[0]
     assert first["collated_global_crops"].shape == (8, 3, 32, 32)
     assert first["collated_local_crops"].shape == (8, 3, 16, 16)

@@ -197,10 +197,8 @@ class BatchDataAugmentationDINO:
             if img.dim() != 3 or img.shape[0] != 3:
                 raise ValueError(f"BatchDataAugmentationDINO expects RGB uint8 tensors (3, H, W), got shape "
                                  f"{tuple(img.shape)}.")
-        canvas = torch.stack([
-            F.pad(img.float().div_(255)[None], (0, width - img.shape[2], 0, height - img.shape[1]),
-                  mode="replicate")[0] if tuple(img.shape[1:]) != (height, width) else img.float().div_(255)
-            for img in images])
+        canvas = torch.stack([F.pad(img.float().div_(255)[None], (0, width - img.shape[2], 0, height - img.shape[1]),
+                                    mode="replicate")[0] for img in images])
         return canvas, sizes
 
     def _photometric(self, x: torch.Tensor, blur_p: float, solarize_p: float, generator) -> torch.Tensor:
