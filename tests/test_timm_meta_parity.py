@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,12 +11,14 @@ import torch.nn.functional as F
 
 import dinokit
 from dinokit import checkpoints as ckpt
-from dinokit.checkpoints import load_checkpoint
+from dinokit.loading import load_checkpoint
 
 from helpers import images, max_diff, randomize_, small_config
 
 TOL = 1e-5
 SIZES = [(224, 224), (518, 518), (224, 308)]
+# The test models are 128 wide, not a released DINOv2 width, so their head count has to be given.
+HEADS = {"num_attention_heads": 2}
 
 
 @pytest.mark.parametrize("name,registers", [("vit_small_patch14_dinov2", 0), ("vit_small_patch14_reg4_dinov2", 4)])
@@ -27,7 +30,7 @@ def test_timm_matches_dinokit_on_converted_weights(tmp_path, name, registers):
     randomize_(theirs, seed=11)
     path = tmp_path / "timm.pth"
     torch.save(theirs.state_dict(), path)
-    ours = load_checkpoint(path)  # timm layout detected: antialiased size mode, like timm
+    ours = load_checkpoint(path, **HEADS)  # timm layout detected: antialiased size mode, like timm
     assert ours.config.num_register_tokens == registers
     assert ours.config.interpolate_antialias and ours.config.interpolate_offset == 0.0
     for size in SIZES:
@@ -87,7 +90,7 @@ def meta_state():
 def test_meta_checkpoint_uses_offset_interpolation_exactly(tmp_path, meta_state, size):
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(meta_state, path)
-    ours = load_checkpoint(path)
+    ours = load_checkpoint(path, **HEADS)
     assert ours.config.interpolate_offset == 0.1 and not ours.config.interpolate_antialias
     x = images(2, *size, seed=22)
     with torch.no_grad():
@@ -128,14 +131,14 @@ def test_training_checkpoint_layouts_load_the_teacher_backbone(tmp_path, meta_st
         expected = reference_meta_forward(meta_state, x, heads=2)
         for name, state in [("chunked.pth", chunked), ("teacher_checkpoint.pth", nested), ("model.pth", flat)]:
             torch.save(state, tmp_path / name)
-            assert max_diff(load_checkpoint(tmp_path / name)(x).last_hidden_state, expected) < TOL, name
+            assert max_diff(load_checkpoint(tmp_path / name, **HEADS)(x).last_hidden_state, expected) < TOL, name
 
 
 def test_meta_linear_head_follows_meta_classifier(tmp_path, meta_state):
     torch.save(meta_state, tmp_path / "backbone.pth")
     head = {"weight": torch.randn(10, 128 * 2), "bias": torch.randn(10)}
     torch.save(head, tmp_path / "linear_head.pth")
-    model = load_checkpoint(tmp_path / "backbone.pth", head=tmp_path / "linear_head.pth")
+    model = load_checkpoint(tmp_path / "backbone.pth", head=tmp_path / "linear_head.pth", **HEADS)
     assert isinstance(model, dinokit.Dinov2ForImageClassification)
     x = images(2, 224, 224, seed=24)
     with torch.no_grad():  # Meta's _LinearClassifierWrapper, layers=1
@@ -149,7 +152,7 @@ def test_linear4_head_on_four_block_model(tmp_path):
     torch.save(model.meta_state_dict()[0], tmp_path / "b.pth")
     head = {"weight": torch.randn(6, 128 * 5), "bias": torch.randn(6)}
     torch.save(head, tmp_path / "linear4.pth")
-    clf = load_checkpoint(tmp_path / "b.pth", head=tmp_path / "linear4.pth")
+    clf = load_checkpoint(tmp_path / "b.pth", head=tmp_path / "linear4.pth", **HEADS)
     x = images(2, 224, 308, seed=26)
     with torch.no_grad():
         o = clf.dinov2.vit.get_intermediate_layers(x, n=4, return_class_token=True)
@@ -172,7 +175,7 @@ def test_swiglu_meta_hf_timm_layouts_round_trip(tmp_path):
     for layout, state in [("meta", meta), ("timm", ckpt.meta_to_timm(meta)), ("hf", model.hf_state_dict())]:
         path = tmp_path / f"{layout}.safetensors"
         ckpt.save_file_atomic(state, path)
-        loaded = load_checkpoint(path)
+        loaded = load_checkpoint(path, **HEADS)
         assert loaded.config.use_swiglu_ffn and loaded.config.num_register_tokens == 4
         with torch.no_grad():
             assert max_diff(loaded(x).last_hidden_state, expected) < TOL, layout
@@ -184,17 +187,18 @@ def test_convert_cli_writes_each_layout(tmp_path, meta_state, to):
 
     src = tmp_path / "src.pth"
     torch.save(meta_state, src)
+    (tmp_path / "src.config.json").write_text(json.dumps(HEADS))
     dst = tmp_path / ("out" if to == "hf" else f"out_{to}.pth")
     assert main(["convert", str(src), str(dst), "--to", to]) == 0
     loaded = dinokit.load_model(dst)
     x = images(1, 224, 224, seed=29)
     with torch.no_grad():
-        expected = load_checkpoint(src)(x).last_hidden_state
+        expected = load_checkpoint(src, **HEADS)(x).last_hidden_state
         got = loaded(x).last_hidden_state
     if to == "timm":  # timm's interpolation (antialias) differs off the native grid; equal at 518
         x = images(1, 518, 518, seed=29)
         with torch.no_grad():
-            expected, got = load_checkpoint(src)(x).last_hidden_state, loaded(x).last_hidden_state
+            expected, got = load_checkpoint(src, **HEADS)(x).last_hidden_state, loaded(x).last_hidden_state
     assert max_diff(got, expected) < TOL
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import dinokit
-from dinokit.checkpoints import CheckpointError, load_checkpoint
+from dinokit.checkpoints import CheckpointError
 from dinokit.hub import HubError
+from dinokit.loading import load_checkpoint
 
 from helpers import images, max_diff, randomize_, small_config
 

@@ -245,7 +245,7 @@ def get_backend(model, name: str = "torch", **options) -> Backend:
     if is_onnx_file and not name.startswith("onnxruntime"):
         raise ValueError(f"{model} is an ONNX file: use the onnxruntime or onnxruntime-int8 backend")
     if not is_onnx_file and not isinstance(model, nn.Module):
-        from dinokit.auto import load_model
+        from dinokit.loading import load_model
 
         model = load_model(model)
     if name == "torch":

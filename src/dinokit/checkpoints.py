@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,22 +31,99 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def torch_load(path: str | os.PathLike, what: str = "checkpoint", allow_numpy: bool = False):
+    """`torch.load(weights_only=True)`: tensors and plain containers only, never code from the file.
+
+    A pickle that names anything else (a class, `os.system`, ...) is refused with that name in the message; a
+    damaged file is reported as such. `allow_numpy` admits numpy arrays (older training checkpoints stored the
+    numpy RNG state as one), which unpickle without running code."""
+    path = Path(path)
+    try:
+        if allow_numpy:
+            with torch.serialization.safe_globals(_numpy_globals()):
+                return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _BLOCKED_GLOBAL.search(str(exc))
+        if found:
+            raise CheckpointError(
+                f"{what} {path} contains pickled Python code ({found.group(1)}), which dinokit never runs: it "
+                f"loads only tensors and plain values (torch.load with weights_only=True). If the file is from "
+                f"a source you trust, load it yourself and re-save only its state dict (torch.save(state_dict) "
+                f"or safetensors).") from None
+        raise _damaged(path, what, exc) from None
+    except Exception as exc:  # zip/pickle errors of a damaged file come in many types
+        raise _damaged(path, what, exc) from None
+
+
+def _damaged(path: Path, what: str, exc: Exception) -> CheckpointError:
+    reason = (str(exc).strip().splitlines() or [""])[0][:200]
+    return CheckpointError(f"could not read {what} {path} ({type(exc).__name__}: {reason}). The file is corrupt "
+                           f"or truncated, or is not a weights file; re-download or re-save it.")
+
+
+def _numpy_globals() -> list:
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, *(
+        getattr(np.dtypes, name) for name in dir(getattr(np, "dtypes", None)) if name.endswith("DType"))]
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a `.safetensors` file or a torch pickle (with `weights_only=True`), with a clear error if corrupt."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(tensors, the model config the file carries or None).
+
+    The config comes from the file itself (`dinokit_config` in safetensors metadata, `backbone_config` in a
+    dinokit training checkpoint), then from a config beside it (`<stem>.config.json`, or a DINOv2
+    `config.json` in the same folder); keys given there override what the shapes say."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    config = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
 
-            return load_file(str(path))
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"could not read checkpoint {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            f"The file is corrupt or truncated, or is not a weights file; re-download or re-save it.") from None
-    return unwrap_state_dict(data, path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                data = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as exc:  # the Rust reader's SafetensorError, or OSError
+            raise _damaged(path, "safetensors file", exc) from None
+        if "dinokit_config" in metadata:
+            config = json.loads(metadata["dinokit_config"])
+    else:
+        data = torch_load(path, "checkpoint")
+        if isinstance(data, Mapping) and isinstance(data.get("backbone_config"), Mapping):
+            config = dict(data["backbone_config"])
+    return unwrap_state_dict(data, path), _config_beside(path) or config
+
+
+def _config_beside(path: Path) -> dict | None:
+    from dinokit.config import CONFIG_CLASSES
+
+    for candidate in (path.with_name(path.stem + ".config.json"), path.with_name("config.json")):
+        if not candidate.is_file():
+            continue
+        try:
+            config = json.loads(candidate.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{candidate} (the config beside {path.name}) is not valid JSON: {exc}") from None
+        if candidate.name != "config.json" or config.get("model_type") in CONFIG_CLASSES:
+            return config
+    return None
+
+
+def config_file_beside(path: Path) -> Path:
+    """Where dinokit writes the config of a single-file checkpoint it saves."""
+    return path.with_name(path.stem + ".config.json")
 
 
 def unwrap_state_dict(data, source: object = "checkpoint") -> dict[str, torch.Tensor]:
@@ -278,11 +356,17 @@ def to_meta(state: Mapping[str, torch.Tensor], layout: str | None = None):
 
 
 # ---------------------------------------------------------------------------------------------------- config
-def infer_config(state: Mapping[str, torch.Tensor], layout: str = "meta"):
-    """Build the Dinov2Config that a Meta-normal state dict belongs to (DINOv2 fixes head_dim at 64).
+# DINOv2's released widths and their head counts (64-wide heads); any other width needs the count from a config.
+OFFICIAL_HEADS = {384: 6, 768: 12, 1024: 16, 1536: 24}
+
+
+def infer_config(state: Mapping[str, torch.Tensor], layout: str = "meta", known: Mapping | None = None):
+    """The Dinov2Config of a Meta-normal state dict: shapes give everything but the head count, which comes
+    from `known` (a config carried by or beside the file, or the caller's keyword arguments) or, for the
+    released widths, from DINOv2's 64-wide heads. Any other width without a config is refused, not guessed.
 
     Interpolation follows the source: Meta checkpoints like Meta's hub models (offset 0.1 without registers,
-    antialias with); timm checkpoints like timm (antialias, size)."""
+    antialias with); timm checkpoints like timm (antialias, size). Keys in `known` override all of it."""
     from dinokit.config import Dinov2Config, Dinov2WithRegistersConfig
     from dinokit.layers.mlp import swiglu_hidden_features
 
@@ -301,7 +385,19 @@ def infer_config(state: Mapping[str, torch.Tensor], layout: str = "meta"):
     else:
         hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
         mlp_ratio = hidden // dim if hidden % dim == 0 else hidden / dim
-    kwargs = dict(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=max(dim // 64, 1),
+    known = {k: v for k, v in (known or {}).items() if k in CONFIG_KEYS}
+    if known.get("hidden_size", dim) != dim or known.get("num_hidden_layers", depth) != depth:
+        raise CheckpointError(f"the config given for this checkpoint describes a {known.get('hidden_size')}-wide, "
+                              f"{known.get('num_hidden_layers')}-block model, but its weights are {dim}-wide "
+                              f"with {depth} blocks: pass the config of this checkpoint")
+    heads = known.get("num_attention_heads") or OFFICIAL_HEADS.get(dim)
+    if heads is None:
+        raise CheckpointError(
+            f"cannot tell the number of attention heads of this {dim}-wide checkpoint: the weights do not record "
+            f"it and {dim} is not a released DINOv2 width ({', '.join(map(str, OFFICIAL_HEADS))}). Pass it: "
+            f"load_checkpoint(path, num_attention_heads=N), or put {{\"num_attention_heads\": N}} in a "
+            f"<checkpoint name>.config.json beside the file.")
+    kwargs = dict(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
                   mlp_ratio=mlp_ratio, image_size=grid * patch, patch_size=patch,
                   num_channels=state["patch_embed.proj.weight"].shape[1], use_swiglu_ffn=swiglu,
                   qkv_bias="blocks.0.attn.qkv.bias" in state)
@@ -309,86 +405,43 @@ def infer_config(state: Mapping[str, torch.Tensor], layout: str = "meta"):
         kwargs.update(interpolate_offset=0.0, interpolate_antialias=True)
     else:
         kwargs.update(interpolate_offset=0.1, interpolate_antialias=False)
+    kwargs.update(known)
+    if dim % kwargs["num_attention_heads"]:
+        raise CheckpointError(f"num_attention_heads={kwargs['num_attention_heads']} does not divide the "
+                              f"checkpoint's width {dim}")
     if registers:
         return Dinov2WithRegistersConfig(num_register_tokens=registers, **kwargs)
     return Dinov2Config(**kwargs)
 
 
-def load_checkpoint(path: str | os.PathLike, head: str | os.PathLike | None = None, strict: bool = True):
-    """Load a Meta, timm or Hugging Face checkpoint file as a dinokit model.
-
-    `head` is a Meta linear-head file (`*_linear_head.pth`: layers=1, `*_linear4_head.pth`: layers=4); with it,
-    the result is a `Dinov2ForImageClassification` with Meta's classifier semantics.
-    """
-    from dinokit.hf import Dinov2ForImageClassification, Dinov2Model
-
-    backbone, head_state, layout = to_meta(read_state_dict(path))
-    config = infer_config(backbone, layout)
-    if head is not None:
-        linear = read_state_dict(head)
-        if set(linear) != {"weight", "bias"}:
-            raise CheckpointError(f"{head} is not a Meta linear head (expected keys weight, bias; got "
-                                  f"{sorted(linear)[:5]})")
-        head_state = {"classifier.weight": linear["weight"], "classifier.bias": linear["bias"]}
-        ratio = linear["weight"].shape[1] // config.hidden_size
-        if ratio not in (2, 5) or linear["weight"].shape[1] % config.hidden_size:
-            raise CheckpointError(f"linear head of input width {linear['weight'].shape[1]} does not fit a backbone "
-                                  f"of width {config.hidden_size} (expected 2x or 5x)")
-        config.num_classifier_layers = 1 if ratio == 2 else 4
-    if head_state:
-        config.num_labels = head_state["classifier.weight"].shape[0]
-        model = Dinov2ForImageClassification(config)
-    else:
-        model = Dinov2Model(config)
-    model.load_meta_state_dict(backbone, head_state, strict=strict, source=str(path))
-    return model.eval()
+# What a config beside a checkpoint may set: the architecture and behaviour, not the derived label maps.
+CONFIG_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "image_size", "patch_size",
+                "num_channels", "use_swiglu_ffn", "qkv_bias", "interpolate_offset", "interpolate_antialias",
+                "layerscale_value", "layer_norm_eps", "hidden_act", "drop_path_rate", "hidden_dropout_prob",
+                "apply_layernorm", "reshape_hidden_states",
+                "attention_probs_dropout_prob", "initializer_range", "use_mask_token"}
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:
-    """Convert a checkpoint (file or HF directory) to `hf` (directory), `meta` or `timm` (file)."""
-    from dinokit.auto import load_model
+def save_file_atomic(state: Mapping[str, torch.Tensor], path: Path, config: Mapping | None = None) -> None:
+    """Write a state dict (safetensors by suffix, else torch) to a temporary name, then rename.
 
-    model = load_model(src)
-    dst = Path(dst)
-    if to == "hf":
-        model.save_pretrained(dst)
-        return dst
-    backbone, head = model.meta_state_dict()
-    state = meta_to_timm(backbone) if to == "timm" else backbone
-    if to not in ("meta", "timm"):
-        raise ValueError(f"unknown target layout {to!r}: use hf, meta or timm")
-    if head and to == "meta":
-        state = {**state}
-        head_path = dst.with_name(dst.stem + "_linear_head" + (dst.suffix or ".pth"))
-        save_file_atomic({"weight": head["classifier.weight"], "bias": head["classifier.bias"]}, head_path)
-    save_file_atomic(state, dst)
-    return dst
-
-
-def save_file_atomic(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write a state dict (safetensors by suffix, else torch) to a temporary name, then rename."""
+    `config` (the model's config dict) travels with the weights: in the safetensors metadata, and for torch
+    files (whose state dicts must stay loadable by Meta's and timm's code) in `<stem>.config.json` beside."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        metadata = {"format": "pt"}
+        if config is not None:
+            metadata["dinokit_config"] = json.dumps(dict(config), sort_keys=True)
+        save_file(state, str(tmp), metadata=metadata)
     else:
         torch.save(state, tmp)
+        if config is not None:
+            side = config_file_beside(path)
+            side_tmp = side.with_name(side.name + ".tmp")
+            side_tmp.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+            side_tmp.replace(side)
     tmp.replace(path)
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="convert a checkpoint between Hugging Face, Meta and timm layouts")
-    p.add_argument("src", help="checkpoint file (.pth/.bin/.safetensors) or Hugging Face directory / hub id")
-    p.add_argument("dst", help="output: a directory for --to hf, a file for --to meta|timm")
-    p.add_argument("--to", choices=["hf", "meta", "timm"], required=True)
-    p.set_defaults(func=_convert_command)
-
-
-def _convert_command(args) -> int:
-    out = convert(args.src, args.dst, args.to)
-    print(f"wrote {args.to} checkpoint to {out}")
-    return 0

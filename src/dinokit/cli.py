@@ -8,7 +8,7 @@ import sys
 
 # Modules that define `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = [
-    "dinokit.checkpoints",
+    "dinokit.loading",
     "dinokit.apps.cli",
     "dinokit.ssl.trainer",
     "dinokit.eval.cli",

@@ -451,3 +451,7 @@ Dinov2WithRegistersBackbone = Dinov2Backbone
 __all__ = ["Dinov2PreTrainedModel", "Dinov2Model", "Dinov2ForImageClassification", "Dinov2Backbone",
            "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersBackbone",
            "Dinov2WithRegistersConfig", "build_vit"]
+
+
+# The model class of each `load_model(task=...)`.
+MODEL_CLASSES = {"base": Dinov2Model, "classification": Dinov2ForImageClassification, "backbone": Dinov2Backbone}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +35,8 @@ from dinokit.eval.data import ImageDataset, LabelledImages, collate_skipping_unr
 
 CACHE_FORMAT = 1
 N_LAST_BLOCKS = 4
+
+logger = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -130,14 +133,22 @@ def cache_key(model: nn.Module, images: LabelledImages, transform, n_blocks: int
     return digest.hexdigest()
 
 
-def _load_cached(entry: Path, images: LabelledImages) -> FeatureSet:
-    manifest = json.loads((entry / "manifest.json").read_text())
-    return FeatureSet(
-        cls_blocks=np.load(entry / "cls_blocks.npy", mmap_mode="r"),
-        patch_mean=np.load(entry / "patch_mean.npy", mmap_mode="r"),
-        labels=np.load(entry / "labels.npy"),
-        paths=manifest["paths"], classes=images.classes,
-        skipped=[tuple(item) for item in manifest["skipped"]], from_cache=True)
+def _load_cached(entry: Path, images: LabelledImages) -> FeatureSet | None:
+    """The cached features, or None for a damaged entry (which is then computed again). np.load keeps
+    allow_pickle=False: an object array planted in a cache is refused, never unpickled."""
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        return FeatureSet(
+            cls_blocks=np.load(entry / "cls_blocks.npy", mmap_mode="r"),
+            patch_mean=np.load(entry / "patch_mean.npy", mmap_mode="r"),
+            labels=np.load(entry / "labels.npy"),
+            paths=manifest["paths"], classes=images.classes,
+            skipped=[tuple(item) for item in manifest["skipped"]], from_cache=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("feature cache entry %s is damaged (%s: %s); computing the features again",
+                       entry, type(exc).__name__, exc)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
 
 
 def staging_dir(target: Path) -> Path:
@@ -220,8 +231,8 @@ def extract_features(model: nn.Module, images: LabelledImages, *, transform=None
     cache_dir = default_cache_dir() if cache_dir == "default" else Path(cache_dir).expanduser()
     key = cache_key(model, images, transform, n_blocks)
     entry = cache_dir / key
-    if (entry / "manifest.json").is_file():
-        return _load_cached(entry, images)
+    if (entry / "manifest.json").is_file() and (cached := _load_cached(entry, images)) is not None:
+        return cached
     features = compute_features(model, images, transform=transform, batch_size=batch_size,
                                 num_workers=num_workers, n_blocks=n_blocks, device=device, progress=progress,
                                 description=description)

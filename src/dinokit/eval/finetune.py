@@ -212,7 +212,7 @@ def _unfrozen_setup(backbone, classifier, train_images, val_images, config, *, t
                     cache_dir, progress, crop_size, feature_batch_size) -> _Trainer:
     """Whole network on augmented images, layer-wise lr decay (DINOv2's parameter groups)."""
     from dinokit.eval.linear import LinearProbeConfig, train_transform
-    from dinokit.ssl.param_groups import fuse_params_groups, get_params_groups_with_decay
+    from dinokit.param_groups import fuse_params_groups, get_params_groups_with_decay
 
     augment = train_transform(LinearProbeConfig(crop_size=crop_size))
     generator = torch.Generator().manual_seed(config.seed)

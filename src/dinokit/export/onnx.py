@@ -123,7 +123,7 @@ def backbone_of(model: nn.Module) -> nn.Module:
 def prepare_model(model) -> nn.Module:
     """A dinokit model in eval mode and float32 from a model or anything `dinokit.load_model` accepts."""
     if not isinstance(model, nn.Module):
-        from dinokit.auto import load_model
+        from dinokit.loading import load_model
 
         model = load_model(model)
     vit = backbone_of(model)

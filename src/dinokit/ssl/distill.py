@@ -41,17 +41,17 @@ logger = logging.getLogger(__name__)
 
 def read_training_checkpoint(spec) -> dict | None:
     """The dinokit training checkpoint at `spec` (a run directory or its checkpoint.pth), or None when `spec` is
-    something else (a model directory, hub id, Meta/timm file...)."""
+    something else (a model directory, hub id, Meta/timm file...). Read without running pickled code: a file
+    that carries some is an error, never executed."""
+    from dinokit.ssl.trainer import CHECKPOINT_NAME, read_checkpoint
+
     path = Path(str(spec)).expanduser()
     if path.is_dir():
-        path = path / "checkpoint.pth"
+        path = path / CHECKPOINT_NAME
     if not path.is_file() or path.suffix != ".pth":
         return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # not a loadable torch pickle: let load_model report on it
-        return None
-    if isinstance(data, dict) and "model" in data and "config" in data and data.get("kind") == "ssl":
+    data = read_checkpoint(path)
+    if "model" in data and "config" in data and data.get("kind") == "ssl":
         return data
     return None
 
@@ -72,7 +72,7 @@ def build_distill_arch(cfg, device):
         return HeadDistillArch(cfg, checkpoint, device)
     if mode != "features":
         raise ValueError(f"distill.mode={mode!r}: use auto, heads or features.")
-    from dinokit.auto import load_model
+    from dinokit.loading import load_model
 
     return FeatureDistillArch(cfg, load_model(spec), device)
 

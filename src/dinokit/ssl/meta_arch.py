@@ -188,7 +188,7 @@ class SSLMetaArch(nn.Module):
         object.__setattr__(self, "student_forward", self.student)  # not a submodule: keeps state_dict keys stable
 
     def _load_pretrained_backbone(self, spec) -> None:
-        from dinokit.auto import load_model
+        from dinokit.loading import load_model
 
         backbone, _ = load_model(spec).meta_state_dict()
         missing, unexpected = self.student.backbone.load_state_dict(backbone, strict=False)
@@ -315,10 +315,13 @@ class SSLMetaArch(nn.Module):
         """The backbone the run produces (the teacher's), for monitoring."""
         return self.teacher.backbone
 
+    def teacher_config(self) -> Dinov2Config:
+        """The config of the teacher backbone (drop-path 0), as exported."""
+        return backbone_config(self.cfg.student, self.cfg.crops.global_crops_size, 0.0)
+
     def export_model(self) -> Dinov2Model:
         """The teacher backbone as a dinokit `Dinov2Model` (Hugging Face API, drop-path 0)."""
-        config = backbone_config(self.cfg.student, self.cfg.crops.global_crops_size, 0.0)
-        model = Dinov2Model(config)
+        model = Dinov2Model(self.teacher_config())
         model.load_meta_state_dict({k: v.detach().cpu() for k, v in self.teacher.backbone.state_dict().items()},
                                    source="teacher backbone")
         return model.eval()

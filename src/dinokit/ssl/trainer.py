@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dinokit.ssl.param_groups import apply_optim_scheduler, fuse_params_groups, get_params_groups_with_decay
+from dinokit.checkpoints import torch_load
+from dinokit.param_groups import apply_optim_scheduler, fuse_params_groups, get_params_groups_with_decay
 from dinokit.ssl.schedules import CosineScheduler, scaled_lr
 from dinokit.ssl.train_config import load_train_config
 
@@ -128,7 +129,10 @@ def build_optimizer(cfg, student: torch.nn.Module) -> torch.optim.AdamW:
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state in plain types (tensors, ints, lists), so the checkpoint loads with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -136,7 +140,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -150,15 +155,18 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint (a run directory or its checkpoint.pth), read without running pickled code."""
+    path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"No training checkpoint at {path}. Start without --resume, or point to the "
                                 "output directory of an earlier `dinokit train` run.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle/zip errors of a damaged file come in many types
-        raise ValueError(f"Cannot read training checkpoint {path} ({type(exc).__name__}: {exc}).") from None
+    # numpy arrays: the RNG state of checkpoints written before it was stored as plain lists
+    data = torch_load(path, "training checkpoint", allow_numpy=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a dinokit training checkpoint.")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -258,6 +266,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint
     def _checkpoint(self, next_iteration: int) -> dict:
+        kind = getattr(self.arch, "checkpoint_kind", "ssl")
         states = [rng_state()]
         if self.env.distributed:
             states = [None] * self.env.world_size
@@ -280,7 +289,9 @@ class Trainer:
             "rng": states,
             "world_size": self.env.world_size,
             "config": self.cfg.to_dict(),
-            "kind": getattr(self.arch, "checkpoint_kind", "ssl"),
+            "kind": kind,
+            # what `load_model(checkpoint.pth)` builds (the teacher backbone): shapes cannot tell its head count
+            "backbone_config": self.arch.teacher_config().to_dict() if kind == "ssl" else None,
         }
 
     def save(self, next_iteration: int) -> None:

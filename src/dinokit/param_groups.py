@@ -1,4 +1,5 @@
-"""Optimizer parameter groups of DINOv2 training (Meta's dinov2/utils/param_groups.py and train.py).
+"""Optimizer parameter groups with layer-wise lr decay (Meta's dinov2/utils/param_groups.py and train.py); shared by
+SSL training and fine-tuning, so it sits below both.
 
 Each trainable parameter gets
 - `lr_multiplier = lr_decay_rate ** (n_blocks + 1 - layer_id)`: layer_id 0 for the backbone's `cls_token`,
