@@ -143,3 +143,15 @@ def test_os_errors_from_any_depth_print_as_they_are():
     with pytest.raises(OSError) as caught:
         open("/nonexistent/dinokit-file").close()
     assert describe_error(caught.value) == "[Errno 2] No such file or directory: '/nonexistent/dinokit-file'"
+
+
+@pytest.mark.parametrize("where", ["config", "override"])
+def test_invalid_yaml_in_a_training_config_or_override_is_one_line_naming_it(tmp_path, capsys, where):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    extra = ["--config", str(bad)] if where == "config" else ["train.seed=[1"]
+    assert main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "run"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert ("bad.yaml" if where == "config" else "train.seed=[1") in err and "not valid YAML" in err
+    assert not (tmp_path / "run").exists()
