@@ -20,10 +20,12 @@ import torch
 
 def sample_photographs():
     """scikit-learn ships two real JPEG photographs (china.jpg, flower.jpg) inside its wheel."""
-    import sklearn.datasets
     from PIL import Image
 
-    folder = Path(sklearn.datasets.__file__).parent / "images"
+    from dinokit.extras import optional_import
+
+    datasets = optional_import("sklearn.datasets", purpose="the demo's sample photographs (shipped with scikit-learn)")
+    folder = Path(datasets.__file__).parent / "images"
     return [(p.name, Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.jpg"))]
 
 

@@ -5,60 +5,64 @@ from __future__ import annotations
 import argparse
 import json
 
+from dinokit.cli import RERUN_TO_RESUME
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("embed", help="embed a folder, glob or file list of images into sharded .npy/.parquet",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("embed", help="embed a folder, glob or file list of images into sharded .npy/.parquet")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="folder (recursive), quoted glob, .txt file with one path per line, or image files")
     p.add_argument("--model", "-m", required=True, help="model directory, hub id, checkpoint file or preset")
     p.add_argument("--output", "-o", required=True, help="output folder (an unfinished run in it is resumed)")
-    p.add_argument("--pooling", choices=["cls", "mean", "cls+mean", "patch"], default="cls")
+    p.add_argument("--pooling", choices=["cls", "mean", "cls+mean", "patch"], default="cls",
+                   help="what to store per image: the CLS token, the mean patch token, both concatenated, or the "
+                        "whole patch grid")
     p.add_argument("--normalize", action="store_true", help="store unit-length vectors")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="stored number type (float16 halves the files)")
     p.add_argument("--image-size", type=int, default=224, help="crop size, a multiple of 14")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: CPU cores, max 8)")
-    p.add_argument("--shard-size", type=int, default=None, help="images per shard (default 10000; patch: ~256 MB)")
+    p.add_argument("--shard-size", type=int, default=None, help="images per shard (default: 10000; patch: ~256 MB)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(func=_embed)
+    p.set_defaults(func=_embed, on_interrupt=RERUN_TO_RESUME)
 
-    p = subparsers.add_parser("index", help="build a faiss index over an embedding folder",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("index", help="build a faiss index over an embedding folder")
     p.add_argument("emb_dir", metavar="DIR", help="embedding folder written by `dinokit embed`")
     p.add_argument("--output", "-o", default=None, help="index folder (default DIR/index)")
     p.add_argument("--kind", choices=["auto", "flat", "ivf", "hnsw"], default="auto",
                    help="auto: exact up to --exact-max vectors, IVF-Flat above")
-    p.add_argument("--exact-max", type=int, default=200_000)
+    p.add_argument("--exact-max", type=int, default=200_000, help="largest number of vectors --kind auto indexes "
+                                                                   "exactly")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 an approximate index is tuned to")
     p.set_defaults(func=_index)
 
     p = subparsers.add_parser("search", help="most similar indexed images to query images")
     p.add_argument("index", metavar="INDEX", help="index folder, or an embedding folder holding index/")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
+    p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--model", default=None, help="override the model recorded in the index")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.set_defaults(func=_search)
 
     p = subparsers.add_parser("dedup", help="group near-duplicate images of an embedding folder")
     p.add_argument("emb_dir", metavar="DIR", help="embedding folder written by `dinokit embed`")
-    p.add_argument("--threshold", "-t", type=float, default=0.95, help="cosine similarity (default 0.95)")
+    p.add_argument("--threshold", "-t", type=float, default=0.95, help="cosine similarity at or above which images are duplicates")
     p.add_argument("--output", "-o", default=None, help="CSV file (default DIR/duplicates.csv; JSON beside it)")
     p.set_defaults(func=_dedup)
 
     p = subparsers.add_parser("pca", help="the DINOv2 paper's PCA picture of patch features (or attention maps)")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one row of the picture each")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
     p.add_argument("--model", "-m", default="facebook/dinov2-small",
-                   help="model directory, hub id, checkpoint file (default facebook/dinov2-small)")
-    p.add_argument("--size", type=int, default=448, help="short side in pixels, a multiple of 14 (default 448)")
+                   help="model directory, hub id or checkpoint file")
+    p.add_argument("--size", type=int, default=448, help="short side in pixels, a multiple of 14")
     p.add_argument("--attention", action="store_true", help="draw last-block CLS attention per head instead")
     p.add_argument("--threshold", type=_threshold, default=0.0,
-                   help="foreground if the first component scores above this (default 0); 'none' keeps all")
-    p.add_argument("--device", default="auto")
+                   help="foreground if the first component scores above this; 'none' keeps all")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.set_defaults(func=_pca)
 
 

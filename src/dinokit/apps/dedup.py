@@ -19,6 +19,10 @@ import numpy as np
 
 from dinokit.apps import store
 from dinokit.apps.index import _faiss, normalized_float32
+from dinokit.extras import optional_import, require
+
+# faiss finds the pairs, scipy the connected components, pyarrow reads the embedding folder.
+DEDUP_MODULES = ("faiss", "scipy.sparse.csgraph", "pyarrow", "pyarrow.parquet")
 
 KEEP_RULE = "most pixels (width*height), then smallest path"
 
@@ -29,8 +33,8 @@ def find_duplicate_groups(embeddings: np.ndarray, threshold: float = 0.95, *,
 
     Groups are sorted arrays, listed in order of their first row.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    sparse = optional_import("scipy.sparse", purpose="grouping near-duplicates")
+    csgraph = optional_import("scipy.sparse.csgraph", purpose="grouping near-duplicates")
 
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
@@ -48,8 +52,8 @@ def find_duplicate_groups(embeddings: np.ndarray, threshold: float = 0.95, *,
         sources.append(queries[pair])
         targets.append(ids[pair])
     sources, targets = np.concatenate(sources), np.concatenate(targets)
-    graph = coo_matrix((np.ones(len(sources), dtype=np.int8), (sources, targets)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
+    graph = sparse.coo_matrix((np.ones(len(sources), dtype=np.int8), (sources, targets)), shape=(n, n))
+    _, labels = csgraph.connected_components(graph, directed=False)
 
     order = np.argsort(labels, kind="stable")  # rows of one component become contiguous, ascending
     boundaries = np.flatnonzero(np.diff(labels[order])) + 1
@@ -81,6 +85,7 @@ def dedup(emb_dir: str | Path, threshold: float = 0.95, output: str | Path | Non
     output: the CSV file (default EMB_DIR/duplicates.csv); the JSON goes next to it with the suffix .json.
     CSV columns: group, path, keep (1 for the kept image), width, height, similarity (to the kept image).
     """
+    require(*DEDUP_MODULES, purpose="finding near-duplicates")
     emb_dir = Path(emb_dir)
     manifest = store.read_manifest(emb_dir) or {}
     if manifest.get("pooling") == "patch":

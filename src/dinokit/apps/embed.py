@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dinokit.apps import store
+from dinokit.extras import require
 
 POOLINGS = ("cls", "mean", "cls+mean", "patch")
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -343,6 +344,7 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
     Under `torchrun`, call it in every process with the same arguments; rank 0 writes the manifest and
     errors.parquet, and the result equals a one-process run.
     """
+    require("pyarrow", "pyarrow.parquet", purpose="writing an embedding folder")  # before anything is written
     _check_pooling(pooling)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dinokit.apps import store
+from dinokit.extras import optional_import, require
 
 INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.parquet"
@@ -28,12 +29,16 @@ DEFAULT_SUBDIR = "index"
 KINDS = ("auto", "flat", "ivf", "hnsw")
 
 
+# What reading, building and searching an index imports (pyarrow: the metadata tables).
+INDEX_MODULES = ("faiss", "pyarrow", "pyarrow.parquet")
+
+
 def _faiss():
-    try:
-        import faiss
-    except ImportError as exc:  # pragma: no cover - part of the `apps` extra
-        raise ImportError("Indexing needs faiss: pip install 'dinokit[apps]' (faiss-cpu or faiss-gpu)") from exc
-    return faiss
+    return optional_import("faiss", purpose="faiss indexes")
+
+
+def _parquet():
+    return optional_import("pyarrow.parquet", purpose="faiss indexes (their metadata tables)")
 
 
 @dataclass
@@ -109,6 +114,7 @@ def build_index(emb_dir: str | Path, output_dir: str | Path | None = None, *, ki
 
     kind: "auto" (exact up to `exact_max` vectors, IVF-Flat above), "flat", "ivf" or "hnsw".
     """
+    require(*INDEX_MODULES, purpose="building an index")
     faiss = _faiss()
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -145,7 +151,7 @@ def build_index(emb_dir: str | Path, output_dir: str | Path | None = None, *, ki
 
     output_dir = Path(output_dir) if output_dir is not None else emb_dir / DEFAULT_SUBDIR
     report.output_dir = str(output_dir)
-    _, pq = store._pa()
+    pq = _parquet()
     store.atomic_write(output_dir / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
     store.atomic_write(output_dir / METADATA_FILE, lambda tmp: pq.write_table(metadata, tmp))
     info = {**asdict(report), "embeddings_dir": str(emb_dir.resolve()), "embeddings_manifest": manifest}
@@ -168,8 +174,8 @@ def resolve_index_dir(path: str | Path) -> Path:
 
 def load_index(path: str | Path):
     """(faiss index with its tuned search parameter, metadata Table, info dict) of an index folder."""
-    faiss = _faiss()
-    _, pq = store._pa()
+    require(*INDEX_MODULES, purpose="reading an index")
+    faiss, pq = _faiss(), _parquet()
     index_dir = resolve_index_dir(path)
     info = json.loads((index_dir / INFO_FILE).read_text())
     index = faiss.read_index(str(index_dir / INDEX_FILE))

@@ -6,20 +6,22 @@ import argparse
 import json
 import sys
 
+from dinokit.cli import RERUN_TO_RESUME
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="model directory, hub id, Meta/timm checkpoint file, or preset (e.g. vits14 = random)")
     parser.add_argument("--train", required=True, help="training set: ImageFolder directory or '<path> <class>' list")
     parser.add_argument("--val", required=True, help="validation set, same classes as --train")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images (default 2)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--cache-dir", default="default",
-                        help="feature cache folder (default $DINOKIT_CACHE/features or ~/.cache/dinokit/features)")
+                        help="feature cache folder (default: $DINOKIT_CACHE/features or ~/.cache/dinokit/features)")
     parser.add_argument("--no-cache", action="store_true", help="recompute features, do not read or write the cache")
-    parser.add_argument("--resize", type=int, default=256, help="eval transform: short side (default 256)")
-    parser.add_argument("--crop", type=int, default=224, help="eval transform: centre crop (default 224)")
+    parser.add_argument("--resize", type=int, default=256, help="eval transform: short side")
+    parser.add_argument("--crop", type=int, default=224, help="eval transform: centre crop")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -31,10 +33,10 @@ def register(subparsers) -> None:
     _add_common(knn)
     knn.add_argument("--output", help="write the report as JSON here")
     knn.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200], help="values of k")
-    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--temperature", type=float, default=0.07, help="softmax temperature of the neighbour votes")
     knn.add_argument("--n-per-class", type=int, nargs="+", help="few-shot: training images per class")
     knn.add_argument("--n-tries", type=int, default=1, help="few-shot: random subsets per value (mean ± std)")
-    knn.set_defaults(func=_eval_command)
+    knn.set_defaults(func=_eval_command, on_interrupt=_features_resume_hint)
 
     linear = protocols.add_parser("linear", help="grid of linear heads, best on validation")
     _add_common(linear)
@@ -42,45 +44,52 @@ def register(subparsers) -> None:
     linear.add_argument("--mode", choices=["fast", "reference"], default="fast",
                         help="fast: cached features, no augmentation (default); reference: RandomResizedCrop + flip "
                              "through the frozen backbone every step (slow without a GPU)")
-    linear.add_argument("--iterations", type=int, default=12_500, help="training steps (default 12500)")
-    linear.add_argument("--train-batch-size", type=int, default=128, help="heads' batch size (default 128)")
+    linear.add_argument("--iterations", type=int, default=12_500, help="training steps")
+    linear.add_argument("--train-batch-size", type=int, default=128, help="heads' batch size")
     linear.add_argument("--learning-rates", type=float, nargs="+",
                         help="base learning rates, scaled by batch/256 (default: 13 values 1e-5 .. 0.1)")
     linear.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4], help="CLS of the last n blocks")
     linear.add_argument("--avgpool", choices=["both", "yes", "no"], default="both",
                         help="append the mean patch token: both variants (default), only with, only without")
-    linear.add_argument("--seed", type=int, default=0)
-    linear.set_defaults(func=_eval_command)
+    linear.add_argument("--seed", type=int, default=0, help="random seed of the heads and their batches")
+    linear.set_defaults(func=_eval_command, on_interrupt=_features_resume_hint)
 
     logreg = protocols.add_parser("logreg", help="L2 logistic regression, C swept on a 10%% hold-out")
     _add_common(logreg)
     logreg.add_argument("--output", help="write the report as JSON here")
     logreg.add_argument("--max-iter", type=int,
                         help="lbfgs iterations per C (default: 100 warm-started with scikit-learn, 1000 with cuML)")
-    logreg.add_argument("--tol", type=float, default=1e-6)
-    logreg.add_argument("--backend", choices=["auto", "sklearn", "cuml"], default="auto")
-    logreg.set_defaults(func=_eval_command)
+    logreg.add_argument("--tol", type=float, default=1e-6, help="lbfgs stopping tolerance (scikit-learn)")
+    logreg.add_argument("--backend", choices=["auto", "sklearn", "cuml"], default="auto",
+                        help="auto: cuML when it is installed and a GPU is present, else scikit-learn")
+    logreg.set_defaults(func=_eval_command, on_interrupt=_features_resume_hint)
 
     finetune = subparsers.add_parser("finetune", help="train a Dinov2ForImageClassification on labelled images")
     _add_common(finetune)
     finetune.add_argument("--output", required=True, help="directory for the best Hugging Face checkpoint")
-    finetune.add_argument("--epochs", type=int, default=10)
+    finetune.add_argument("--epochs", type=int, default=10, help="passes over the training set")
     finetune.add_argument("--lr", type=float, help="head learning rate (default 1e-3 frozen, 1e-4 unfrozen)")
-    finetune.add_argument("--weight-decay", type=float, default=1e-4)
+    finetune.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     finetune.add_argument("--unfreeze", action="store_true",
                           help="train the backbone too, with layer-wise lr decay (default: frozen backbone)")
-    finetune.add_argument("--layer-decay", type=float, default=0.75)
-    finetune.add_argument("--train-batch-size", type=int, default=64)
-    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--layer-decay", type=float, default=0.75,
+                          help="with --unfreeze: each block lower gets this factor of the learning rate above it")
+    finetune.add_argument("--train-batch-size", type=int, default=64, help="images per training step")
+    finetune.add_argument("--seed", type=int, default=0, help="random seed of the head and the data order")
     finetune.set_defaults(func=_finetune_command)
 
     classify = subparsers.add_parser("classify", help="top-k labels of images with a classifier checkpoint")
     classify.add_argument("images", nargs="+", help="image files")
     classify.add_argument("--model", required=True, help="classifier directory (e.g. written by dinokit finetune)")
-    classify.add_argument("--top-k", type=int, default=5)
-    classify.add_argument("--device", default="auto")
+    classify.add_argument("--top-k", type=int, default=5, help="labels to print per image")
+    classify.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     classify.add_argument("--json", action="store_true", help="print JSON instead of text")
     classify.set_defaults(func=_classify_command)
+
+
+def _features_resume_hint(args) -> str | None:
+    # Feature sets are cached whole (one per split): a rerun reads the finished ones and redoes the rest.
+    return None if args.no_cache else f"{RERUN_TO_RESUME} (finished feature sets are read from the cache)"
 
 
 def _transform(args):

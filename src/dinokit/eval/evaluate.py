@@ -30,7 +30,7 @@ from dinokit.eval.linear import (
     linear_probe_features,
     train_transform,
 )
-from dinokit.eval.logreg import C_VALUES, HOLDOUT_FRACTION, LOGREG_TOL, logreg_evaluate
+from dinokit.eval.logreg import C_VALUES, HOLDOUT_FRACTION, LOGREG_TOL, logreg_evaluate, require_backend
 
 PROTOCOLS = ("knn", "linear", "logreg")
 
@@ -83,6 +83,8 @@ def evaluate(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
+    if protocol == "logreg":
+        require_backend(options.get("backend", "auto"))  # before the features, which can take hours
     started = time.perf_counter()
     train_images, val_images = load_splits(train, val)
     spec = model

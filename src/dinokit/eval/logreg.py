@@ -30,12 +30,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dinokit.extras import require
+
 C_VALUES = tuple(float(c) for c in 10.0 ** np.linspace(-6, 5, 45))
 LOGREG_MAX_ITER = 1000  # the reference's (cuML, each fit from scratch)
 SKLEARN_MAX_ITER = 100  # per C with warm starts along the path, see above
 LOGREG_TOL = 1e-6
 SMALL_PROBLEM_VALUES = 10_000_000  # below this many feature values, BLAS uses one thread
 HOLDOUT_FRACTION = 0.1
+
+
+def require_backend(backend: str = "auto") -> None:
+    """MissingExtraError now, before any features are computed, if `backend` cannot run here."""
+    # scikit-learn is needed by every backend: the hold-out split; cuML fits on top of it.
+    if backend == "cuml":
+        require("sklearn", "cuml", purpose="logistic regression with the cuML backend")
+    else:
+        require("sklearn", purpose="logistic regression")
 
 
 def _cuml_available() -> bool:
@@ -113,6 +124,7 @@ def logreg_evaluate(
 
     `max_iter=None` means 1000 with cuML (the reference) and 100 per warm-started C with scikit-learn.
     """
+    require_backend(backend)
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
     if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):

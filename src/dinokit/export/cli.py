@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 
@@ -10,8 +9,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("export", help="export a model to ONNX (fp32 / int8) or TorchScript")
     formats = parser.add_subparsers(dest="format", required=True)
 
-    p = formats.add_parser("onnx", help="ONNX with dynamic batch, height and width; optional int8 copy",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = formats.add_parser("onnx", help="ONNX with dynamic batch, height and width; optional int8 copy")
     p.add_argument("--model", "-m", required=True, help="model directory, hub id, checkpoint file or preset")
     p.add_argument("--out", "-o", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; antialiased models need >= 18 unless "
@@ -36,8 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=_onnx)
 
-    p = formats.add_parser("torchscript", help="TorchScript trace valid at any input size (torch.jit.load)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = formats.add_parser("torchscript", help="TorchScript trace valid at any input size (torch.jit.load)")
     p.add_argument("--model", "-m", required=True, help="model directory, hub id, checkpoint file or preset")
     p.add_argument("--out", "-o", required=True, help="output file (.pt)")
     p.add_argument("--sizes", default=None, help="sizes to check the trace at, e.g. 224,518,224x308")

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from dinokit.export.graph import EXPORT_FORMAT, InferenceGraph, position_module
+from dinokit.extras import optional_import, require
 
 MIN_OPSET = 17
 ANTIALIAS_MIN_OPSET = 18  # Resize gained the `antialias` attribute in opset 18
@@ -152,8 +153,17 @@ def check_sizes_for(model: nn.Module, sizes: list[tuple[int, int]]) -> list[tupl
     return check_sizes([(224, 224), tuple(native), (224, 308)], vit.patch_size)
 
 
+def export_modules(opset: int, validate: bool = True) -> list[str]:
+    """The optional packages an export at `opset` imports (the `export` extra)."""
+    return ["onnx"] + (["onnxscript"] if opset >= DYNAMO_MIN_OPSET else []) + (["onnxruntime"] if validate else [])
+
+
+def _onnx():
+    return optional_import("onnx", purpose="reading and writing ONNX files")
+
+
 def ort_session(path: str | os.PathLike, threads: int | None = None):
-    import onnxruntime as ort
+    ort = optional_import("onnxruntime", purpose="running ONNX models")
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -164,9 +174,7 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The dinokit metadata of an exported file ({} for other ONNX files)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+    model = _onnx().load(str(path), load_external_data=False)
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
             return json.loads(prop.value)
@@ -232,6 +240,7 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, s
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too low: dinokit exports need opset >= {MIN_OPSET} (LayerNormalization); "
                          f"use --opset {DEFAULT_OPSET}")
+    require(*export_modules(opset, validate), purpose=f"ONNX export at opset {opset}")  # before the model loads
     model = prepare_model(model)
     vit = backbone_of(model)
     sizes = check_sizes(sizes or [], vit.patch_size)
@@ -301,9 +310,9 @@ def _write_onnx(graph: nn.Module, staged: Path, example_size: tuple[int, int], o
                 _torchscript_export(graph, example, opset, staged)
                 stamp_metadata(staged, metadata)
         except Exception as exc:  # the exporters' own errors are long; keep the cause and say what to try
+            other = f" Try --opset {DEFAULT_OPSET}." if opset != DEFAULT_OPSET else ""
             raise RuntimeError(f"torch.onnx.export failed at opset {opset}: {type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''}. Try --opset {DEFAULT_OPSET}.") \
-                from exc
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}.{other}") from exc
     written = _file_opset(staged)
     if written != opset:
         raise ValueError(f"the exporter wrote opset {written} instead of the requested {opset}; use --opset {written}")
@@ -329,8 +338,7 @@ def _torchscript_export(graph: nn.Module, example: torch.Tensor, opset: int, sta
 
 
 def stamp_metadata(path: Path, metadata: dict) -> None:
-    import onnx
-
+    onnx = _onnx()
     model = onnx.load(str(path), load_external_data=False)
     for prop in list(model.metadata_props):
         if prop.key == METADATA_KEY:
@@ -340,9 +348,7 @@ def stamp_metadata(path: Path, metadata: dict) -> None:
 
 
 def _file_opset(path: Path) -> int:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+    model = _onnx().load(str(path), load_external_data=False)
     return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 

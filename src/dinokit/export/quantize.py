@@ -23,13 +23,15 @@ import numpy as np
 import torch
 
 from dinokit.export.onnx import INPUT_NAME, move_into_place, ort_session, staging_dir
+from dinokit.extras import optional_import
 
 REPO_CHECK_IMAGES = Path(__file__).resolve().parents[3] / ".." / "shared" / "datasets" / "imagenette" / "val"
 
 
 def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = False) -> Path:
     """Write the int8 version of the fp32 ONNX file `src` to `dst` (through a temporary name)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantization = optional_import("onnxruntime.quantization", purpose="int8 quantisation")
+    QuantType, quantize_dynamic = quantization.QuantType, quantization.quantize_dynamic
 
     src, dst = Path(src), Path(dst)
     if not src.is_file():

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dinokit.extras import optional_import
 from dinokit.ssl.knn_monitor import cls_features, knn_accuracy, load_labelled_pixels
 from dinokit.ssl.meta_arch import SSLMetaArch
 from dinokit.ssl.train_config import load_train_config
@@ -33,9 +34,8 @@ IMAGE_SIZE = 32
 
 def write_digits(folder: Path, size: int = IMAGE_SIZE) -> Path:
     """scikit-learn's digits as an ImageFolder tree of `size`-px RGB PNGs (written once)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    datasets = optional_import("sklearn.datasets", purpose="the demo's digits (shipped with scikit-learn)")
+    digits = datasets.load_digits()
     marker = folder / ".complete"
     if marker.exists():
         return folder

@@ -38,8 +38,18 @@ def _wrap(data: Any) -> Any:
     return data
 
 
+def _yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # not a ValueError: name the file or setting rather than show a traceback
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{where} is not valid YAML: {getattr(exc, 'problem', None) or exc}{at}") from exc
+
+
 def _read_yaml(path) -> dict:
-    data = yaml.safe_load(Path(path).read_text() if not hasattr(path, "read_text") else path.read_text()) or {}
+    text = Path(path).read_text() if not hasattr(path, "read_text") else path.read_text()
+    data = _yaml(text, f"training config {path}") or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not hold a YAML mapping of training settings.")
     return data
@@ -88,7 +98,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         node = nested
         for key in keys[:-1]:
             node = node.setdefault(key, {})
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[keys[-1]] = _yaml(raw, f"override {item!r}") if raw.strip() else None
     return nested
 
 

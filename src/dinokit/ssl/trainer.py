@@ -529,7 +529,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("overrides", nargs="*", help="section.key=value settings")
-    p.set_defaults(func=_train_command)
+    p.set_defaults(func=_train_command, on_interrupt="rerun with --resume to continue from the last checkpoint")
 
 
 def _train_command(args) -> int:
