@@ -72,11 +72,16 @@ class Run:
             self.returncode = self.server.request({"op": "wait", "pid": self.pid})
         return self.returncode
 
-    def wait_for(self, text: str, timeout: float = 120.0) -> None:
-        """Until `text` appears in the output; fails if the process ends first or after `timeout` s."""
+    def wait_for(self, text: str, timeout: float = 120.0, file: Path | None = None) -> None:
+        """Until `text` appears in the output (or in `file`); fails if the process ends first or after `timeout` s."""
+        def found():
+            if file is None:
+                return text in self.output()
+            return Path(file).is_file() and text in Path(file).read_text(errors="replace")
+
         deadline = time.monotonic() + timeout
-        while text not in self.output():
-            if not self._alive() and text not in self.output():
+        while not found():
+            if not self._alive() and not found():
                 raise AssertionError(f"process ended before {text!r}:\n{self.output()[-3000:]}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {text!r} after {timeout} s; output:\n{self.output()[-3000:]}")
