@@ -57,20 +57,20 @@ def test_concurrent_threads_writing_one_file_never_fail_and_leave_one_whole_vers
     assert [p.name for p in tmp_path.iterdir()] == ["shard.npy"]  # no temporary file left
 
 
-WRITER = """
+WRITER = f"""
 import sys, time
 from pathlib import Path
 from dinokit import atomic
 path, version = Path(sys.argv[1]), int(sys.argv[2])
 def write(tmp):
     with open(tmp, "wb") as f:
-        for _ in range({chunks}):
-            f.write(bytes([version]) * {chunk}); f.flush(); time.sleep(0.0005)
+        for _ in range({CHUNKS}):
+            f.write(bytes([version]) * {CHUNK}); f.flush(); time.sleep(0.0005)
 for _ in range(15):
     atomic.atomic_write(path, write, durable=False)
     data = path.read_bytes()
-    assert len(data) == {chunks} * {chunk} and len(set(data)) == 1, "a mixed or partial file"
-""".format(chunks=CHUNKS, chunk=CHUNK)
+    assert len(data) == {CHUNKS} * {CHUNK} and len(set(data)) == 1, "a mixed or partial file"
+"""
 
 
 def test_concurrent_processes_writing_one_file_never_fail_and_leave_one_whole_version(tmp_path):

@@ -98,3 +98,11 @@ def test_lock_file_beside_a_folder_that_gets_replaced(tmp_path):
         with pytest.raises(locking.OutputInUse, match=f"{target} is in use"):
             locking.acquire(target, "dinokit finetune", lock_path=tmp_path / ".classifier.lock")
     assert not target.exists()  # only the lock file's folder is created
+
+
+def test_a_folder_created_for_the_lock_is_removed_again_if_the_run_wrote_nothing(tmp_path):
+    locking.acquire(tmp_path / "new", "dinokit embed").release()
+    assert not (tmp_path / "new").exists()
+    with locking.acquire(tmp_path / "used", "dinokit embed"):
+        (tmp_path / "used" / "manifest.json").write_text("{}")
+    assert [p.name for p in (tmp_path / "used").iterdir()] == ["manifest.json"]

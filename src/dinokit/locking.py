@@ -40,8 +40,8 @@ class OutputInUse(RuntimeError):
 class OutputLock:
     """A held lock (a context manager; `release()` is idempotent). `path` is None for a no-op lock."""
 
-    def __init__(self, path: Path | None = None, fd: int | None = None):
-        self.path, self.fd, self.pid = path, fd, os.getpid()
+    def __init__(self, path: Path | None = None, fd: int | None = None, created_folder: bool = False):
+        self.path, self.fd, self.pid, self.created_folder = path, fd, os.getpid(), created_folder
         if fd is not None:
             _held[fd] = self
 
@@ -53,6 +53,11 @@ class OutputLock:
         try:
             if os.getpid() == self.pid:  # delete while still holding it: a waiter then retries on a new file
                 self.path.unlink(missing_ok=True)
+                if self.created_folder:  # a run that failed early leaves no empty output folder behind
+                    try:
+                        self.path.parent.rmdir()
+                    except OSError:  # not empty: it holds the run's output
+                        pass
         finally:
             os.close(fd)
 
@@ -110,8 +115,9 @@ def acquire(target: str | os.PathLike, command: str, *, lock_path: str | os.Path
     if fcntl is None:  # pragma: no cover
         return OutputLock()
     with writing(lock_path, option):
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
         while True:
+            created = not lock_path.parent.is_dir()
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 try:
@@ -136,7 +142,7 @@ def acquire(target: str | os.PathLike, command: str, *, lock_path: str | os.Path
                            "argv": sys.argv}
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps(details).encode(), 0)
-                return OutputLock(lock_path, fd)
+                return OutputLock(lock_path, fd, created)
             except BaseException:
                 if fd not in _held:
                     try:
