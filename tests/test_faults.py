@@ -256,6 +256,20 @@ def test_a_second_eval_needing_the_same_features_waits_for_the_first_even_if_it_
     assert _files(cache) == _files(clean_eval[0])
 
 
+def test_second_finetune_into_one_folder_refuses_at_once(cli, model_dir, labelled, tmp_path):
+    def argv(output):
+        return ["finetune", "--model", model_dir, "--train", labelled[0], "--val", labelled[1], "--output", output,
+                "--cache-dir", tmp_path / "cache", "--epochs", "1", "--num-workers", "0", "--device", "cpu",
+                "--resize", "32", "--crop", "28", "--quiet"]
+
+    first = cli.start(argv(tmp_path / "classifier"), tmp_path / "first.log", pause_at="*#1")  # extracting features
+    first.wait_for_pause()
+    second = cli.run(argv(tmp_path / "classifier"), tmp_path / "second.log")
+    first.kill()
+    assert second.returncode == 2
+    assert f"classifier is in use by PID {first.pid} (dinokit finetune started" in second.output()
+
+
 # ---------------------------------------------------------------------------------------------------- index
 def _embedding_folder(root: Path, n: int, seed: int) -> Path:
     vectors = np.random.default_rng(seed).normal(size=(n, 16)).astype(np.float32)

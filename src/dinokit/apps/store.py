@@ -5,6 +5,7 @@
     DIR/metadata/metadata_{i}.parquet   path, width, height -- row r describes row r of img_emb_{i}.npy
     DIR/errors/errors_{i}.parquet       files of shard i that could not be read (path, reason); only if any
     DIR/errors.parquet                  all of them, merged when the run finishes
+    DIR/.dinokit.lock                   while a run writes DIR (`dinokit.locking`); a second run refuses
 
 Shard numbers are zero-padded to the width of the largest one (as clip-retrieval does), so sorting names
 sorts shards. Every file is written under a unique temporary name and renamed (`dinokit.atomic`); the metadata file is renamed last,
