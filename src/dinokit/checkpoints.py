@@ -427,8 +427,8 @@ def save_file_atomic(state: Mapping[str, torch.Tensor], path: Path, config: Mapp
 
     `config` (the model's config dict) travels with the weights: in the safetensors metadata, and for torch
     files (whose state dicts must stay loadable by Meta's and timm's code) in `<stem>.config.json` beside."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    from dinokit import atomic
+
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -436,12 +436,8 @@ def save_file_atomic(state: Mapping[str, torch.Tensor], path: Path, config: Mapp
         metadata = {"format": "pt"}
         if config is not None:
             metadata["dinokit_config"] = json.dumps(dict(config), sort_keys=True)
-        save_file(state, str(tmp), metadata=metadata)
-    else:
-        torch.save(state, tmp)
-        if config is not None:
-            side = config_file_beside(path)
-            side_tmp = side.with_name(side.name + ".tmp")
-            side_tmp.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-            side_tmp.replace(side)
-    tmp.replace(path)
+        atomic.atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+        return
+    if config is not None:  # the config first: a file that exists always has its config beside it
+        atomic.write_text(config_file_beside(path), json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    atomic.torch_save(state, path)

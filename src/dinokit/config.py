@@ -171,9 +171,9 @@ class Dinov2Config:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (CONFIG_NAME + ".tmp")
-        tmp.write_text(self.to_json_string())
-        tmp.replace(path / CONFIG_NAME)
+        from dinokit import atomic
+
+        atomic.write_text(path / CONFIG_NAME, self.to_json_string())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> Dinov2Config:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinokit import atomic
 from dinokit import checkpoints as ckpt
 from dinokit.config import CONFIG_CLASSES, Dinov2Config, Dinov2WithRegistersConfig
 from dinokit.outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
@@ -193,17 +194,13 @@ class Dinov2PreTrainedModel(nn.Module):
             if safe_serialization:
                 ckpt.save_file_atomic(shard, directory / name)
             else:
-                tmp = directory / (name + ".tmp")
-                torch.save(shard, tmp)
-                tmp.replace(directory / name)
+                atomic.torch_save(shard, directory / name)
         if len(shards) > 1:
             import json
 
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                      "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-            tmp = directory / (stem + suffix + ".index.json.tmp")
-            tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
-            tmp.replace(directory / (stem + suffix + ".index.json"))
+            atomic.write_text(directory / (stem + suffix + ".index.json"), json.dumps(index, indent=2, sort_keys=True))
         config = self.config.copy(architectures=[self._hf_architecture()])
         config.save_pretrained(directory)
 

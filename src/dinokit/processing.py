@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dinokit import atomic
 from dinokit.hub import resolve_file
 
 logger = logging.getLogger(__name__)
@@ -350,9 +351,7 @@ class Dinov2ImageProcessor:
             raise ValueError(f"save_pretrained needs a directory, but {str(directory)!r} is a file.")
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / PREPROCESSOR_CONFIG_NAME
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(self.to_json_string())
-        os.replace(tmp, target)  # never leave a half-written config behind
+        atomic.write_text(target, self.to_json_string())  # never leave a half-written config behind
         return [target]
 
     @classmethod

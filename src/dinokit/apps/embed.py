@@ -37,6 +37,7 @@ from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dinokit import atomic, locking
 from dinokit.apps import store
 from dinokit.extras import require
 
@@ -353,13 +354,17 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
     started = time.perf_counter()
     rank, world, created_group = _distributed()
     say = _log if (progress and rank == 0) else (lambda message: None)
+    output_dir = Path(output_dir)
+    lock = None
     try:
-        paths = list_images(inputs)
-        spec = model
-        model = load(model)
         device = select_device(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL collectives run on the current device
+        # Before any slow step: a second run on this folder refuses at once. Held until the run ends.
+        lock = locking.acquire_for_ranks(output_dir, "dinokit embed", rank, world)
+        paths = list_images(inputs)
+        spec = model
+        model = load(model)
         model = model.to(device).eval()
         _check_image_size(model, image_size)
         shape = feature_shape(model, pooling, image_size)
@@ -369,7 +374,6 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1, got {shard_size}")
         num_shards = -(-len(paths) // shard_size)
-        output_dir = Path(output_dir)
 
         manifest = {
             "format": FORMAT, "complete": False, "model": describe_model(model, spec),
@@ -411,15 +415,22 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
             f"(see {output_dir / store.ERRORS}) in {report.seconds:.1f} s")
         return report
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             torch.distributed.destroy_process_group()
 
 
 def _start_or_resume(output_dir: Path, manifest: dict) -> None:
-    """Refuse to mix runs: an existing folder must hold the same run (then it resumes), or be empty."""
+    """Refuse to mix runs: an existing folder must hold the same run (then it resumes), or be empty.
+
+    Runs under the folder's lock, so the check and the manifest write are one step for other dinokit runs, and
+    temporary files in the folder are leftovers of a killed run.
+    """
     old = store.read_manifest(output_dir)
     if old is None:
-        if output_dir.exists() and any(output_dir.iterdir()):
+        ours = {locking.LOCK_NAME} | {p.name for p in output_dir.glob(".*") if atomic.is_temporary(p.name)}
+        if output_dir.exists() and any(p.name not in ours for p in output_dir.iterdir()):
             raise ValueError(f"Output folder {output_dir} exists, is not empty and holds no {store.MANIFEST}. "
                              f"Choose a new or empty folder.")
     else:
@@ -427,6 +438,7 @@ def _start_or_resume(output_dir: Path, manifest: dict) -> None:
         if changes:
             raise ValueError(f"Output folder {output_dir} holds a different embedding run ({'; '.join(changes)}). "
                              f"Use another output folder, or delete this one to start over.")
+    atomic.remove_stale_temporaries(output_dir, recursive=True)
     if old is None or not old.get("complete"):
         store.write_manifest(output_dir, manifest)
 

@@ -7,7 +7,8 @@ The measured recall is saved with the index and returned.
 
     INDEX_DIR/index.faiss       the faiss index
     INDEX_DIR/metadata.parquet  path, width, height, ... of each indexed row (faiss id = row number)
-    INDEX_DIR/index.json        kind, parameters, recall@10, counts and the embedding manifest (written last)
+    INDEX_DIR/index.json        kind, parameters, recall@10, counts and the embedding manifest (written last:
+                                a folder without it holds no index; a rebuild removes it first)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dinokit import atomic, locking
 from dinokit.apps import store
 from dinokit.extras import optional_import, require
 
@@ -119,6 +121,14 @@ def build_index(emb_dir: str | Path, output_dir: str | Path | None = None, *, ki
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     emb_dir = Path(emb_dir)
+    output_dir = Path(output_dir) if output_dir is not None else emb_dir / DEFAULT_SUBDIR
+    store.list_shards(emb_dir)  # a missing or unfinished embedding folder is refused before anything is created
+    with locking.acquire(output_dir, "dinokit index"):  # a second build into this folder refuses at once
+        return _build_index(faiss, emb_dir, output_dir, kind, exact_max, target_recall, recall_queries, seed)
+
+
+def _build_index(faiss, emb_dir: Path, output_dir: Path, kind: str, exact_max: int, target_recall: float,
+                 recall_queries: int, seed: int) -> IndexReport:
     manifest = store.read_manifest(emb_dir) or {}
     if manifest.get("pooling") == "patch":
         raise ValueError(f"{emb_dir} holds patch grids, not one vector per image. Embed with --pooling cls, mean "
@@ -149,9 +159,12 @@ def build_index(emb_dir: str | Path, output_dir: str | Path | None = None, *, ki
         report.params[param] = value
         report.recall_queries = len(query_ids)
 
-    output_dir = Path(output_dir) if output_dir is not None else emb_dir / DEFAULT_SUBDIR
     report.output_dir = str(output_dir)
     pq = _parquet()
+    # index.json marks a whole index: remove it first, so an interrupted rebuild never pairs the old index.json
+    # with a new index.faiss (or the reverse); an index folder is one build or none.
+    atomic.remove_stale_temporaries(output_dir)
+    (output_dir / INFO_FILE).unlink(missing_ok=True)
     store.atomic_write(output_dir / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
     store.atomic_write(output_dir / METADATA_FILE, lambda tmp: pq.write_table(metadata, tmp))
     info = {**asdict(report), "embeddings_dir": str(emb_dir.resolve()), "embeddings_manifest": manifest}

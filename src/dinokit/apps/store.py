@@ -5,21 +5,22 @@
     DIR/metadata/metadata_{i}.parquet   path, width, height -- row r describes row r of img_emb_{i}.npy
     DIR/errors/errors_{i}.parquet       files of shard i that could not be read (path, reason); only if any
     DIR/errors.parquet                  all of them, merged when the run finishes
+    DIR/.dinokit.lock                   while a run writes DIR (`dinokit.locking`); a second run refuses
 
 Shard numbers are zero-padded to the width of the largest one (as clip-retrieval does), so sorting names
-sorts shards. Every file is written under a temporary name and renamed; the metadata file is renamed last,
+sorts shards. Every file is written under a unique temporary name and renamed (`dinokit.atomic`); the metadata file is renamed last,
 so a shard whose metadata exists is complete, and a half-written shard is never mistaken for a finished one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from dinokit.atomic import atomic_write  # also imported from here by other modules
 
 EMBEDDINGS_DIR = "img_emb"
 METADATA_DIR = "metadata"
@@ -31,25 +32,10 @@ _SHARD_NUMBER = re.compile(r"_(\d+)\.(?:npy|parquet)$")
 
 
 def _pa():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as exc:  # pragma: no cover - part of the `apps` extra
-        raise ImportError("Embedding folders need pyarrow: pip install 'dinokit[apps]'") from exc
-    return pa, pq
+    from dinokit.extras import optional_import
 
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` and rename tmp to `path`, so readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return (optional_import("pyarrow", purpose="embedding folders"),
+            optional_import("pyarrow.parquet", purpose="embedding folders"))
 
 
 def shard_stem(index: int, num_shards: int) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 import dinokit
+from dinokit import atomic
 from dinokit.eval.data import LabelledImages, load_splits
 from dinokit.eval.features import FeatureSet, default_transform, extract_features
 from dinokit.eval.knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
@@ -169,11 +169,7 @@ def _no_leftovers(protocol: str, options: dict) -> None:
 def write_json(report: dict, path: str | os.PathLike) -> Path:
     """Write a report atomically (temporary file in the same folder, then rename)."""
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as file:
-        json.dump(report, file, indent=2, default=str)
-    os.replace(temporary, path)
+    atomic.write_text(path, json.dumps(report, indent=2, default=str))
     return path
 
 

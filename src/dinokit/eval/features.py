@@ -10,6 +10,8 @@ The key hashes everything that changes the features: the model's weights (every 
 config, the image list (paths, labels, file sizes and modification times), the transform and the block count.
 A changed image file or model therefore gets new features; an identical request reads the cache with no model
 forward. Entries are written to a temporary folder and renamed, so an interrupted run leaves no half entry.
+One process computes an entry at a time (a lock per entry): another one asking for the same features waits
+and reads them; staging folders of a killed run are removed by the next one.
 
 Unreadable images are skipped and reported: `FeatureSet.skipped` lists (path, reason); they are never counted
 in accuracies, and the protocols' results state how many there were.
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dinokit import atomic, locking
 from dinokit.eval.data import ImageDataset, LabelledImages, collate_skipping_unreadable
 
 CACHE_FORMAT = 1
@@ -162,21 +165,39 @@ def staging_dir(target: Path) -> Path:
 
 
 def _write_entry(entry: Path, features: FeatureSet, description: dict) -> None:
-    temporary = staging_dir(entry)
+    temporary = None
     try:
-        np.save(temporary / "cls_blocks.npy", features.cls_blocks)
-        np.save(temporary / "patch_mean.npy", features.patch_mean)
-        np.save(temporary / "labels.npy", features.labels)
-        manifest = {"format": CACHE_FORMAT, **description, "paths": features.paths,
-                    "skipped": [list(item) for item in features.skipped]}
-        (temporary / "manifest.json").write_text(json.dumps(manifest))
-        os.replace(temporary, entry)
+        with atomic.writing(entry, option="--cache-dir (or --no-cache)"):
+            temporary = staging_dir(entry)
+            np.save(temporary / "cls_blocks.npy", features.cls_blocks)
+            np.save(temporary / "patch_mean.npy", features.patch_mean)
+            np.save(temporary / "labels.npy", features.labels)
+            manifest = {"format": CACHE_FORMAT, **description, "paths": features.paths,
+                        "skipped": [list(item) for item in features.skipped]}
+            (temporary / "manifest.json").write_text(json.dumps(manifest))
+            atomic.pause_point(entry)
+            os.replace(temporary, entry)
+            temporary = None
     except OSError:
-        if entry.exists():  # another process wrote the same entry first: identical content
+        if not entry.exists():
+            raise
+        # another process wrote the same entry first: identical content
+    finally:
+        if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
-            return
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+
+
+def _entry_lock(entry: Path):
+    """The lock of one cache entry: a second process needing the same features waits, then reads them."""
+    return locking.acquire(entry, "dinokit feature extraction", lock_path=entry.with_name(f".{entry.name}.lock"),
+                           wait=True, option="--cache-dir (or --no-cache)")
+
+
+def _remove_stale_staging(entry: Path) -> None:
+    # Under the entry's lock, staging folders of this entry belong to killed runs.
+    for path in entry.parent.glob(f".{entry.name}.*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -233,9 +254,15 @@ def extract_features(model: nn.Module, images: LabelledImages, *, transform=None
     entry = cache_dir / key
     if (entry / "manifest.json").is_file() and (cached := _load_cached(entry, images)) is not None:
         return cached
-    features = compute_features(model, images, transform=transform, batch_size=batch_size,
-                                num_workers=num_workers, n_blocks=n_blocks, device=device, progress=progress,
-                                description=description)
-    _write_entry(entry, features, {"source": images.source, "transform": repr(transform), "n_blocks": n_blocks,
-                                   "model_class": type(model).__name__, "classes": images.classes})
+    with _entry_lock(entry):
+        # written by the process we waited for (a damaged entry is removed and computed again)
+        if (entry / "manifest.json").is_file() and (cached := _load_cached(entry, images)) is not None:
+            return cached
+        _remove_stale_staging(entry)
+        features = compute_features(model, images, transform=transform, batch_size=batch_size,
+                                    num_workers=num_workers, n_blocks=n_blocks, device=device, progress=progress,
+                                    description=description)
+        _write_entry(entry, features, {"source": images.source, "transform": repr(transform),
+                                       "n_blocks": n_blocks, "model_class": type(model).__name__,
+                                       "classes": images.classes})
     return features

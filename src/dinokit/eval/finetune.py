@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import dinokit
+from dinokit import atomic, locking
 from dinokit.eval.data import ImageDataset, collate_skipping_unreadable, load_splits
 from dinokit.eval.features import extract_features, staging_dir
 from dinokit.processing import eval_transform
@@ -102,10 +103,19 @@ def finetune(model, train, val, output_dir, config: FinetuneConfig = FinetuneCon
     Images are evaluated with resize `resize_size` (short side, bicubic) + centre crop `crop_size`, the setting
     saved as the checkpoint's image processor; unfrozen training uses RandomResizedCrop(`crop_size`) + flip.
     """
+    output = Path(output_dir).expanduser()
+    # The output folder is replaced by each better checkpoint, so its lock file sits beside it.
+    with locking.acquire(output, "dinokit finetune", lock_path=output.with_name(f".{output.name}.lock")):
+        _check_output(output)
+        return _finetune(model, train, val, output, config, num_workers=num_workers, device=device,
+                         cache_dir=cache_dir, resize_size=resize_size, crop_size=crop_size,
+                         feature_batch_size=feature_batch_size, progress=progress)
+
+
+def _finetune(model, train, val, output: Path, config: FinetuneConfig, *, num_workers, device, cache_dir,
+              resize_size, crop_size, feature_batch_size, progress) -> dict:
     from tqdm.auto import tqdm
 
-    output = Path(output_dir).expanduser()
-    _check_output(output)
     train_images, val_images = load_splits(train, val)
     torch.manual_seed(config.seed)
     device = torch.device(device)
@@ -143,10 +153,7 @@ def finetune(model, train, val, output_dir, config: FinetuneConfig = FinetuneCon
             print(f"epoch {epoch}: train loss {history[-1]['train_loss']:.4f}, val top-1 {val_top1:.2f}%"
                   + (" (best, saved)" if improved else ""))
     # The log beside the best checkpoint gets the epochs after it too.
-    log = output / "training_log.json"
-    tmp = log.with_name(log.name + ".tmp")
-    tmp.write_text(json.dumps(_log(history, config, trainer, best_epoch), indent=2))
-    tmp.replace(log)
+    atomic.write_text(output / "training_log.json", json.dumps(_log(history, config, trainer, best_epoch), indent=2))
     return {"history": history, "best_epoch": best_epoch, "best_val_top1": best, "output": str(output),
             "skipped_unreadable": dict(trainer.skipped)}
 

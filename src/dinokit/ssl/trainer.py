@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from dinokit import atomic, locking
 from dinokit.checkpoints import torch_load
 from dinokit.param_groups import apply_optim_scheduler, fuse_params_groups, get_params_groups_with_decay
 from dinokit.ssl.schedules import CosineScheduler, scaled_lr
@@ -148,10 +149,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to `<path>.tmp`, then rename: a crash never leaves a truncated checkpoint under `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    """torch.save under a unique temporary name, fsync, rename: a crash never leaves a truncated checkpoint."""
+    atomic.torch_save(obj, path)
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -323,13 +322,14 @@ class Trainer:
         if not self.env.is_main:
             return None, None
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        atomic.write_text(self.output_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         metrics_path = self.output_dir / METRICS_NAME
         if self.start_iteration > 0 and metrics_path.exists():
-            # Drop lines past the checkpoint (written after it by an interrupted run) so the file stays one history.
+            # Drop lines past the checkpoint (written after it by an interrupted run) so the file stays one history;
+            # a line cut short by a kill is dropped too.
             kept = [line for line in metrics_path.read_text().splitlines()
-                    if line and json.loads(line).get("iteration", -1) <= self.start_iteration]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+                    if line.endswith("}") and json.loads(line).get("iteration", -1) <= self.start_iteration]
+            atomic.write_text(metrics_path, "".join(line + "\n" for line in kept))
         elif metrics_path.exists():
             metrics_path.unlink()
         writer = None
@@ -455,8 +455,9 @@ class Trainer:
     def _log(self, record: dict, metrics_file, writer, on_log) -> None:
         if self.env.is_main:
             if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                with atomic.writing(metrics_file.name):
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
             if writer is not None:
                 for key, value in record.items():
                     if key != "iteration" and isinstance(value, (int, float)):
@@ -498,16 +499,21 @@ def train(config="cpu_tiny_cifar", data=None, output_dir="dinokit_run", override
     else:
         cfg = load_train_config(config, overrides)
     env = init_distributed()
-    arch = None
-    if distill_from is not None or cfg.distill.teacher:
-        from dinokit.ssl.distill import build_distill_arch
+    # Held from before the "already holds a run" check to the export: a second run on this folder refuses at
+    # once, and temporary files here are a killed run's leftovers.
+    with locking.acquire_for_ranks(output_dir, "dinokit train", env.rank, env.world_size):
+        if env.is_main:
+            atomic.remove_stale_temporaries(output_dir)
+        arch = None
+        if distill_from is not None or cfg.distill.teacher:
+            from dinokit.ssl.distill import build_distill_arch
 
-        if distill_from is not None:
-            cfg.distill.teacher = str(distill_from)
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        arch = build_distill_arch(cfg, env.device)
-    trainer = Trainer(cfg, data, output_dir, resume=resume, env=env, arch=arch, progress=progress)
-    return trainer.run(**run_kwargs)
+            if distill_from is not None:
+                cfg.distill.teacher = str(distill_from)
+            torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+            arch = build_distill_arch(cfg, env.device)
+        trainer = Trainer(cfg, data, output_dir, resume=resume, env=env, arch=arch, progress=progress)
+        return trainer.run(**run_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
