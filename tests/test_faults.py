@@ -167,9 +167,10 @@ def test_train_sigkilled_at_three_points_one_inside_a_checkpoint_write_resumes_b
     run.wait_for_pause()
     run.kill()
     assert read_checkpoint(out)["iteration"] == 1
-    # 2: wherever the resumed run is once iteration 4 is logged (mid-step or mid-write).
+    # 2: wherever the resumed run is once iteration 3 is logged (mid-step or mid-write). The first run logged up
+    # to 2, so 3 is this run's; five more iterations, each with a checkpoint write, keep the kill inside the run.
     run = cli.start(_train_argv(ssl_images, out, resume=True), tmp_path / "log")
-    run.wait_for('"iteration": 4,', file=out / "metrics.jsonl")
+    run.wait_for('"iteration": 3,', file=out / "metrics.jsonl")
     run.kill()
     done = read_checkpoint(out)["iteration"]
     assert 1 <= done < ITERATIONS
