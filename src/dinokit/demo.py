@@ -21,10 +21,11 @@ import torch
 def sample_photographs():
     """scikit-learn ships two real JPEG photographs (china.jpg, flower.jpg) inside its wheel."""
     import sklearn.datasets
-    from PIL import Image
+
+    from dinokit.data.images import read_image
 
     folder = Path(sklearn.datasets.__file__).parent / "images"
-    return [(p.name, Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.jpg"))]
+    return [(p.name, read_image(p)) for p in sorted(folder.glob("*.jpg"))]
 
 
 def inference_demo(workdir: Path) -> None:
