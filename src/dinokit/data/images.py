@@ -61,7 +61,7 @@ class ImageReadError(ValueError):
 
     def __init__(self, path, reason: str, fix: str = ""):
         self.path, self.reason, self.fix = display_path(path), reason, fix
-        super().__init__(f"Cannot read image file {self.path!r}: {reason}." + (f" {fix}" if fix else ""))
+        super().__init__(f"Cannot read image file '{self.path}': {reason}." + (f" {fix}" if fix else ""))
 
 
 class ImageNotFoundError(ImageReadError, FileNotFoundError):
