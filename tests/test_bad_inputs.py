@@ -111,7 +111,7 @@ def check_embed(kind, path, root, models, tmp_path, capsys, caplog):
 def _check_eval(protocol, options):
     def check(kind, path, root, models, tmp_path, capsys, caplog):
         report = tmp_path / "report.json"
-        code, _, err = _run(["eval", protocol, "--model", models["backbone"], "--train", str(root / "train"),
+        code, out, err = _run(["eval", protocol, "--model", models["backbone"], "--train", str(root / "train"),
                              "--val", str(root / "val"), "--no-cache", "--num-workers", "0", "--batch-size", "3",
                              "--quiet", "--device", "cpu", "--output", str(report), *CROP, *options], capsys)
         assert code == 0, err
@@ -122,6 +122,7 @@ def _check_eval(protocol, options):
             assert train["skipped_unreadable"] == 0 and not skipped
             return "read"
         assert train["skipped_unreadable"] == 1 and skipped == [display_path(path)]
+        assert f"skipped (train): {display_path(path)}: " in out  # named on screen as well
         return "skipped, listed in the report (skipped_files)"
     return check
 
