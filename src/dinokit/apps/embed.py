@@ -178,7 +178,7 @@ def eval_transform(image_size: int):
 def preprocessing_description(image_size: int) -> dict:
     return {"resize_short_side": round(image_size * 256 / 224), "interpolation": "bicubic (PIL)",
             "center_crop": image_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-            "exif_transpose": True}
+            "exif_transpose": True, "transparency": "composited onto white", "16-bit": "scaled to 8 bits"}
 
 
 class ImageFiles(Dataset):

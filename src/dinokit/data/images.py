@@ -101,7 +101,7 @@ def to_eight_bits(image: Image.Image) -> Image.Image:
 
 def read_image(path: str | os.PathLike) -> Image.Image:
     """The image file at `path` as RGB, decoded completely, or `ImageReadError` (see the module notes)."""
-    path = os.path.expanduser(path) if isinstance(path, str) else path
+    path = os.path.expanduser(path) if isinstance(path, (str, Path)) else path
     try:
         size = os.stat(path).st_size
         handle = open(path, "rb")  # noqa: SIM115 -- closed below; opened here so permission errors are ours
