@@ -159,13 +159,16 @@ def test_palette_image_with_a_transparent_colour_matches_transformers(ours, refe
     assert_same_as_reference(ours, reference, path, str(path))
 
 
-def test_rgba_png_path_matches_transformers_which_drops_alpha(ours, reference, tmp_path):
+def test_rgba_png_path_is_composited_on_white_like_the_same_image_given_as_pil(ours, reference, tmp_path):
+    """dinokit's one reader composites a file's alpha onto white, as transformers does for a PIL image; transformers'
+    own path loader drops alpha instead (a documented divergence)."""
     path = tmp_path / "rgba.png"
     noise_image("RGBA", 300, 260).save(path)
-    assert_same_as_reference(ours, reference, path, str(path))
-    with Image.open(path) as image:  # the same image passed as PIL is composited onto white instead
-        as_pil = ours(image, return_tensors="np")["pixel_values"]
-    assert max_diff(as_pil, ours(path, return_tensors="np")["pixel_values"]) > 0.1
+    with Image.open(path) as image:
+        image.load()
+        assert_same_as_reference(ours, reference, path, image)  # transformers given the PIL image
+    dropped = reference(str(path), return_tensors="np")["pixel_values"]
+    assert max_diff(dropped, ours(path, return_tensors="np")["pixel_values"]) > 0.1
 
 
 def test_exif_orientation_of_a_file_is_applied_like_transformers(ours, reference, tmp_path):
@@ -264,7 +267,9 @@ def test_mixed_and_nested_lists_match_transformers(ours, reference, tmp_path):
     noise_image("LA", 31, 29).save(path)
     pil, array = photo((300, 200)), np.asarray(photo((90, 120)))
     tensor = torch.from_numpy(np.moveaxis(array, -1, 0).copy())
-    assert_same_as_reference(ours, reference, [pil, array, tensor, path], [pil, array, tensor, str(path)])
+    with Image.open(path) as image:  # an alpha file: compared with transformers given the decoded image (see above)
+        image.load()
+        assert_same_as_reference(ours, reference, [pil, array, tensor, path], [pil, array, tensor, image])
     assert_same_as_reference(ours, reference, [[pil, array], [tensor]])
 
 

@@ -30,6 +30,7 @@ _EXPORTS = {
     "eval_transform": "dinokit.processing",
     "preprocess_tensor_batch": "dinokit.processing",
     "load_image": "dinokit.processing",
+    "ImageReadError": "dinokit.data.images",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,13 +20,12 @@ import torch
 
 def sample_photographs():
     """scikit-learn ships two real JPEG photographs (china.jpg, flower.jpg) inside its wheel."""
-    from PIL import Image
-
+    from dinokit.data.images import read_image
     from dinokit.extras import optional_import
 
     datasets = optional_import("sklearn.datasets", purpose="the demo's sample photographs (shipped with scikit-learn)")
     folder = Path(datasets.__file__).parent / "images"
-    return [(p.name, Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.jpg"))]
+    return [(p.name, read_image(p)) for p in sorted(folder.glob("*.jpg"))]
 
 
 def inference_demo(workdir: Path) -> None:

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from dinokit import atomic
+from dinokit.data.images import pil_to_rgb, read_image
 from dinokit.hub import resolve_file
 
 logger = logging.getLogger(__name__)
@@ -48,20 +49,11 @@ _BACKENDS = ("pil", "torchvision")
 # ----------------------------------------------------------------------------------------------------------------
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file the way transformers' `load_image` does: apply the EXIF orientation, convert to RGB.
-
-    Note that `.convert("RGB")` drops an alpha channel here (transformers 5.x does the same for paths), whereas a
-    PIL image passed in directly is composited onto white.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"Image file {str(path)!r} does not exist. Check the path.")
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"Cannot read image file {str(path)!r} ({type(exc).__name__}: {exc}). It is corrupt, "
-                         f"truncated or not an image: re-encode it or remove it from the input.") from None
+    """An image file as RGB through dinokit's one reader, `dinokit.data.images.read_image`: EXIF orientation
+    applied, transparency composited onto white (as for PIL images given to the processor), 16-bit scaled to 8
+    bits, files over PIL's pixel limit refused before decoding; `ImageReadError` (a ValueError) naming the file
+    otherwise. Unlike transformers' `load_image`, which drops alpha and clips 16-bit values to white."""
+    return read_image(path)
 
 
 def _is_image(item: Any) -> bool:
@@ -122,16 +114,6 @@ def _check_data_format(input_data_format: Any) -> str | None:
     return value
 
 
-def _pil_to_rgb(image: Image.Image) -> Image.Image:
-    """transformers 5.x `convert_to_rgb`: transparency (an alpha band or a `transparency` entry, e.g. a palette
-    image) is composited onto white; every other mode goes through PIL's `convert("RGB")`."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
-
-
 def _array_to_rgb(hwc: np.ndarray) -> np.ndarray:
     """transformers 5.x `convert_to_rgb` on a channels-last array: grey is repeated, RGBA composited onto white."""
     channels = hwc.shape[-1]
@@ -151,7 +133,7 @@ def _array_to_rgb(hwc: np.ndarray) -> np.ndarray:
 def _to_channels_first(image: Any, do_convert_rgb: bool, input_data_format: str | None) -> np.ndarray:
     """A single image -> (C, H, W) numpy array, as transformers' `PilBackend.process_image`."""
     if isinstance(image, Image.Image):
-        array = np.array(_pil_to_rgb(image) if do_convert_rgb else image)
+        array = np.array(pil_to_rgb(image) if do_convert_rgb else image)
         return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.ndim == 2:  # (H, W) greyscale; transformers rejects it, here it is the 1-channel image it means
@@ -278,11 +260,14 @@ class Dinov2ImageProcessor:
 
     `backend="pil"` (the default) is bit-identical to transformers 5.x's PIL path (`BitImageProcessorPil`, i.e.
     `AutoImageProcessor.from_pretrained(..., backend="pil")`) for PIL images, numpy arrays and torch tensors (HWC or
-    CHW, channels inferred as transformers does), file paths, single or batched:
+    CHW, channels inferred as transformers does), and ordinary (8-bit, opaque) image files, single or batched:
 
     - PIL images: transparency (RGBA, LA, PA, P with a transparent colour) is composited onto white, other modes
-      (L, P, I;16, CMYK, 1, ...) go through PIL's `convert("RGB")`. File paths are opened with the EXIF orientation
-      applied and `convert("RGB")`, which drops alpha (5.x does the same).
+      (L, P, I;16, CMYK, 1, ...) go through PIL's `convert("RGB")`.
+    - File paths are read by dinokit's one reader (`dinokit.data.images.read_image`, shared with every command):
+      EXIF orientation applied, transparency composited onto white exactly as for a PIL image (transformers drops
+      the alpha of a path instead), 16-bit greyscale scaled to 8 bits (transformers clips it to white), files over
+      PIL's pixel limit refused before decoding.
     - Arrays/tensors: 1 channel is repeated, 4 channels (RGBA) are composited onto white. uint8 or integer-valued
       data in [0, 255] is used as is; other floats in [0, 1] are taken through uint8 for PIL's resize (x255,
       truncated) and come back in [0, 1], after which `do_rescale` still divides by 255, as in transformers: pass

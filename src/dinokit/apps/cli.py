@@ -106,8 +106,10 @@ def _search(args) -> int:
         print(json.dumps([{"query": q, "results": [vars(m) for m in matches]}
                           for q, matches in zip(args.images, results)], indent=2))
         return 0
+    from dinokit.data.images import display_path
+
     for query, matches in zip(args.images, results):
-        print(query)
+        print(display_path(query))  # a non-UTF-8 file name cannot be printed as it is
         for m in matches:
             print(f"  {m.rank:3d}  {m.score:.4f}  {m.path}")
     return 0

@@ -5,9 +5,11 @@ How a run is organised, and why:
   holds the same files, so a killed run restarts at its first unfinished shard, and `torchrun` processes take the
   shards in turn (rank r embeds shards r, r + world, ...) -- both give the same bytes as one uninterrupted run.
 - Batches never straddle a shard boundary, so every image is computed in the same batch in every kind of run.
-- A file that cannot be decoded (corrupt, empty, truncated, not an image, more pixels than PIL's
-  MAX_IMAGE_PIXELS) is left out of its shard's rows and recorded in errors.parquet with the reason; it never stops
-  the run. Shards therefore may hold fewer than `shard_size` rows; metadata row r always describes embedding row r.
+- Files are read by dinokit's one reader (`dinokit.data.images.read_image`: the processor's pixels, 16-bit
+  scaled, transparency on white). A file it refuses (missing, unreadable, empty, truncated, not an image, a
+  symbolic link loop, more pixels than PIL's MAX_IMAGE_PIXELS) is left out of its shard's rows and recorded in
+  errors.parquet with the reason; it never stops the run. Paths are stored as `display_path` text: bytes of a
+  file name that are not UTF-8 are written as \\xNN (Parquet strings must be UTF-8). Shards therefore may hold fewer than `shard_size` rows; metadata row r always describes embedding row r.
 - DataLoader workers decode and resize while the model runs; on CUDA the model runs under bf16 autocast.
 
 Preprocessing for `image_size` S (a multiple of the patch size): resize the short side to S * 256 / 224 (bicubic),
@@ -26,24 +28,30 @@ import hashlib
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dinokit import atomic, locking
 from dinokit.apps import store
+from dinokit.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    display_path,
+    find_image_files,
+    pil_to_rgb,
+    read_image,
+)
 from dinokit.extras import require
 
 POOLINGS = ("cls", "mean", "cls+mean", "patch")
 DTYPES = {"float32": np.float32, "float16": np.float16}
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 LIST_EXTENSIONS = {".txt", ".lst"}
 VECTOR_SHARD_SIZE = 10_000
 PATCH_SHARD_BYTES = 256 * 2**20  # patch grids are big: shards of about this size keep memory bounded
@@ -76,11 +84,7 @@ def list_images(inputs) -> list[str]:
 def _expand(text: str, missing_ok: bool) -> list[str]:
     path = Path(text).expanduser()
     if path.is_dir():
-        paths = []
-        for folder, dirs, files in os.walk(path):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            paths += [os.path.join(folder, f) for f in files
-                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        paths = [str(p) for p in find_image_files(path)]
         if not paths:
             raise ValueError(f"No images found in folder {path} (looked recursively for "
                              f"{', '.join(sorted(IMAGE_EXTENSIONS))}).")
@@ -166,17 +170,6 @@ def _hidden_size(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
-def read_image(path: str) -> Image.Image:
-    """Decode a whole image file to RGB, or raise with a short reason."""
-    if os.path.getsize(path) == 0:
-        raise ValueError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        # PIL only warns between MAX_IMAGE_PIXELS and twice that; such files are decompression bombs to us too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")  # convert() decodes all, exposing truncation
-
-
 def eval_transform(image_size: int):
     """The DINOv2 evaluation transform scaled to `image_size`: short side to image_size * 256/224, centre crop."""
     from dinokit.processing import eval_transform as dinov2_eval_transform
@@ -187,7 +180,7 @@ def eval_transform(image_size: int):
 def preprocessing_description(image_size: int) -> dict:
     return {"resize_short_side": round(image_size * 256 / 224), "interpolation": "bicubic (PIL)",
             "center_crop": image_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-            "exif_transpose": True}
+            "exif_transpose": True, "transparency": "composited onto white", "16-bit": "scaled to 8 bits"}
 
 
 class ImageFiles(Dataset):
@@ -202,10 +195,9 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         try:
             image = read_image(self.paths[i])
-            return i, self.transform(image), image.width, image.height, None
-        except Exception as exc:  # any decoder failure is data, not a crash
-            reason = f"{type(exc).__name__}: {exc}".replace(self.paths[i], "<file>")
-            return i, None, 0, 0, reason
+        except ImageReadError as exc:  # a bad file is data, not a crash: its reason goes to errors.parquet
+            return i, None, 0, 0, exc.reason
+        return i, self.transform(image), image.width, image.height, None
 
 
 @dataclass
@@ -263,14 +255,8 @@ def embed_images(images: list, model, *, image_size: int = 224, pooling: str = "
     transform = eval_transform(image_size)
     pixels = []
     for image in images:
-        if not isinstance(image, Image.Image):
-            if not os.path.isfile(image):
-                raise FileNotFoundError(f"Image {image} does not exist")
-            try:
-                image = read_image(str(image))
-            except Exception as exc:
-                raise ValueError(f"Cannot read {image} as an image ({type(exc).__name__}: {exc})") from None
-        pixels.append(transform(image.convert("RGB")))
+        image = image if isinstance(image, Image.Image) else read_image(image)  # ImageReadError names the file
+        pixels.append(transform(pil_to_rgb(image)))
     batches = [torch.stack(pixels[i:i + batch_size]).to(device) for i in range(0, len(pixels), batch_size)]
     return np.concatenate([embed_pixels(model, b, pooling, normalize) for b in batches])
 
@@ -381,7 +367,7 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
             "preprocessing": preprocessing_description(image_size), "pooling": pooling,
             "dim": shape[-1], "shape": list(shape), "dtype": dtype, "normalized": normalize,
             "num_files": len(paths), "num_shards": num_shards, "shard_size": shard_size, "batch_size": batch_size,
-            "inputs_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+            "inputs_sha256": hashlib.sha256(b"\n".join(map(os.fsencode, paths))).hexdigest(),
         }
         if rank == 0:
             _start_or_resume(output_dir, manifest)
@@ -482,10 +468,10 @@ def _write(output_dir, shard, num_shards, rows, sizes, failed, out_dtype, shape)
     import pyarrow as pa
 
     embeddings = np.concatenate(rows) if rows else np.zeros((0, *shape), dtype=out_dtype)
-    metadata = {"path": pa.array([p for p, _, _ in sizes], pa.string()),
+    metadata = {"path": pa.array([display_path(p) for p, _, _ in sizes], pa.string()),
                 "width": pa.array([w for _, w, _ in sizes], pa.int32()),
                 "height": pa.array([h for _, _, h in sizes], pa.int32())}
-    errors = {"path": pa.array([p for p, _ in failed], pa.string()),
+    errors = {"path": pa.array([display_path(p) for p, _ in failed], pa.string()),
               "reason": pa.array([r for _, r in failed], pa.string())}
     store.write_shard(output_dir, shard, num_shards, embeddings, metadata, errors if failed else None)
 

@@ -144,17 +144,12 @@ def resize_to_patches(image: Image.Image, size: int, patch_size: int = 14) -> Im
     return image.convert("RGB").resize((new_w, new_h), Image.BICUBIC)
 
 
-def _open(path) -> Image.Image:
-    if isinstance(path, Image.Image):
-        return path
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as exc:
-        raise ValueError(f"Cannot read {path} as an image ({exc})") from None
+def _open(image) -> Image.Image:
+    """A PIL image as RGB (transparency on white), or a file through dinokit's one reader (which refuses files
+    over PIL's pixel limit before decoding them, and names the file in every error)."""
+    from dinokit.data.images import pil_to_rgb, read_image
+
+    return pil_to_rgb(image) if isinstance(image, Image.Image) else read_image(image)
 
 
 def pca_picture(images: list, output: str | Path, *, model="facebook/dinov2-small", size: int = 448,

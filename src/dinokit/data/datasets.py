@@ -1,7 +1,9 @@
 """Unlabelled image datasets for self-supervised training: any folder of images, an ImageFolder tree, a file list.
 
-A file that cannot be decoded is skipped when it is read: the dataset logs it, counts it and returns the next
-readable image instead, so one bad file never stops a long run. A source without a single readable image is an
+Files are listed and read by dinokit's one reader (`dinokit.data.images`: the same extensions, pixels and
+refusals as every command). A file the reader refuses is skipped when it is read: the dataset logs a warning
+naming it and the reason, counts it and returns the next readable image instead, so one bad file never stops a
+long run. A source without a single readable image is an
 error at construction.
 """
 
@@ -13,12 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
+
+from dinokit.data.images import IMAGE_EXTENSIONS, ImageReadError, display_path, find_image_files, read_image
 
 logger = logging.getLogger(__name__)
 
 
-def list_image_files(source, extensions: Sequence[str] = IMG_EXTENSIONS) -> list[Path]:
+def list_image_files(source, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
     """Image paths of `source`, sorted: a folder (searched recursively, so ImageFolder trees work; hidden files
     and folders are skipped), a single image file, a text file listing one path per line (blank lines and `#`
     comments ignored; relative paths are relative to the list's folder), or a sequence of paths."""
@@ -29,19 +32,11 @@ def list_image_files(source, extensions: Sequence[str] = IMG_EXTENSIONS) -> list
             raise FileNotFoundError(f"Image source {root} does not exist. Pass a folder of images, an image "
                                     "file or a text file listing image paths.")
         if root.is_dir():
-            return _walk_images(root, extensions)
+            return find_image_files(root, extensions)
         if root.suffix.lower() in extensions:
             return [root]
         return _read_file_list(root)
     return [Path(p).expanduser() for p in source]
-
-
-def _walk_images(root: Path, extensions: tuple[str, ...]) -> list[Path]:
-    paths = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-        paths += [Path(folder) / f for f in files if not f.startswith(".") and f.lower().endswith(extensions)]
-    return sorted(paths)
 
 
 def _read_file_list(list_file: Path) -> list[Path]:
@@ -67,7 +62,7 @@ class UnlabeledImageDataset(Dataset):
     (in index order) and recorded in `bad_files` (per process: each DataLoader worker keeps its own record).
     """
 
-    def __init__(self, source, transform=None, extensions: Sequence[str] = IMG_EXTENSIONS):
+    def __init__(self, source, transform=None, extensions: Sequence[str] = IMAGE_EXTENSIONS):
         self.source = source
         self.transform = transform
         self.paths = list_image_files(source, extensions)
@@ -102,11 +97,11 @@ class UnlabeledImageDataset(Dataset):
         if path in self.bad_files:
             return None
         try:
-            return pil_loader(str(path))
-        except Exception as exc:  # decoders raise many types (OSError, ValueError, SyntaxError, ...) for bad data
-            self.bad_files[path] = f"{type(exc).__name__}: {exc}"
+            return read_image(path)
+        except ImageReadError as exc:
+            self.bad_files[path] = exc.reason
             logger.warning("Skipping unreadable image %s (%s); %d skipped so far in this process",
-                           path, self.bad_files[path], len(self.bad_files))
+                           display_path(path), exc.reason, len(self.bad_files))
             return None
 
     def _check_readable(self) -> None:

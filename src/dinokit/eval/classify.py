@@ -25,7 +25,7 @@ def load_classifier(model):
 def classify_images(images: Sequence[str | os.PathLike], model, *, top_k: int = 5, batch_size: int = 32,
                     device: str | torch.device = "cpu") -> list[dict]:
     """[{"image": path, "top_k": [{"label", "index", "score"}, ...]}] with softmax scores, best first."""
-    from dinokit.processing import load_image
+    from dinokit.data.images import read_image
 
     if not images:
         raise ValueError("No images given to classify.")
@@ -36,7 +36,7 @@ def classify_images(images: Sequence[str | os.PathLike], model, *, top_k: int = 
     results = []
     for start in range(0, len(images), batch_size):
         paths = [str(p) for p in images[start:start + batch_size]]
-        pixel_values = processor([load_image(p) for p in paths], return_tensors="pt")["pixel_values"]
+        pixel_values = processor([read_image(p) for p in paths], return_tensors="pt")["pixel_values"]
         probabilities = classifier(pixel_values=pixel_values.to(device)).logits.softmax(dim=1).cpu()
         scores, indices = probabilities.topk(k, dim=1)
         for path, row_scores, row_indices in zip(paths, scores.tolist(), indices.tolist()):

@@ -150,8 +150,10 @@ def _classify_command(args) -> int:
         json.dump(predictions, sys.stdout, indent=2)
         print()
         return 0
+    from dinokit.data.images import display_path
+
     for item in predictions:
-        print(item["image"])
+        print(display_path(item["image"]))  # a non-UTF-8 file name cannot be printed as it is
         for guess in item["top_k"]:
             print(f"  {guess['score']:.4f}  {guess['label']}")
     return 0

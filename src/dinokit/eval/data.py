@@ -5,8 +5,11 @@ comments are ignored; relative paths are relative to the list's folder). Classes
 their names, as torchvision's ImageFolder does. The validation split must have exactly the training split's
 classes: evaluating against a different set of folders is almost always a mistake, so it is an error.
 
-An unreadable image is not an error here: `ImageDataset` returns it as a failed sample, which the collate function
-drops and the feature extractor reports (count and paths in the results).
+Images are read by dinokit's one reader (`dinokit.data.images.read_image`) and listed by its `find_image_files`
+(the same extensions and rules as every command). An unreadable image (refused by the reader: corrupt, empty,
+truncated, over the pixel limit, permission denied, a link loop) is not an error here: `ImageDataset` returns it
+as a failed sample, which the collate function drops and the feature extractor reports (count and paths in the
+results).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+from torchvision.datasets.folder import find_classes
+
+from dinokit.data.images import IMAGE_EXTENSIONS, ImageReadError, find_image_files, read_image
 
 
 @dataclass
@@ -34,10 +39,6 @@ class LabelledImages:
         return len(self.paths)
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
-
-
 def image_folder(root: str | os.PathLike) -> LabelledImages:
     """An ImageFolder tree: one sub-folder per class, images anywhere below it."""
     root = Path(root).expanduser()
@@ -48,12 +49,12 @@ def image_folder(root: str | os.PathLike) -> LabelledImages:
                          f"e.g. train/cat/001.jpg, or a file list of '<path> <class>' lines.") from None
     paths, labels = [], []
     for name in classes:
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and _is_image(p))
+        files = find_image_files(root / name)
         paths += [str(p) for p in files]
         labels += [class_to_index[name]] * len(files)
     if not paths:
         raise ValueError(f"{root} has class folders ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) "
-                         f"but no images in them (extensions {', '.join(IMG_EXTENSIONS)}).")
+                         f"but no images in them (extensions {', '.join(IMAGE_EXTENSIONS)}).")
     return LabelledImages(paths, labels, classes, str(root))
 
 
@@ -116,12 +117,11 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        from dinokit.processing import load_image
-
         try:
-            pixel_values = self.transform(load_image(self.paths[index]))
-        except (OSError, ValueError) as exc:  # load_image turns decoder failures into ValueError
-            return {"index": index, "error": str(exc)}
+            image = read_image(self.paths[index])
+        except ImageReadError as exc:
+            return {"index": index, "error": exc.reason}
+        pixel_values = self.transform(image)
         return {"index": index, "pixel_values": pixel_values, "label": self.labels[index]}
 
 

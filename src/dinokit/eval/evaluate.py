@@ -33,6 +33,7 @@ from dinokit.eval.linear import (
 from dinokit.eval.logreg import C_VALUES, HOLDOUT_FRACTION, LOGREG_TOL, logreg_evaluate, require_backend
 
 PROTOCOLS = ("knn", "linear", "logreg")
+SHOWN_SKIPPED = 10  # skipped files named in the printed table; the JSON report lists them all
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:
@@ -197,4 +198,11 @@ def format_table(report: dict) -> str:
     lines.append(f"{report['model']['spec']} · train {report['data']['train']['listed']} / val "
                  f"{report['data']['val']['listed']} images · skipped unreadable: {skipped} · features "
                  f"{times['features']:.1f} s, {protocol} {times['protocol']:.1f} s")
+    from dinokit.data.images import display_path
+
+    for split, part in report["data"].items():  # name the skipped files on screen too, not only in the JSON
+        files = part.get("skipped_files", [])
+        lines += [f"skipped ({split}): {display_path(f['path'])}: {f['reason']}" for f in files[:SHOWN_SKIPPED]]
+        if len(files) > SHOWN_SKIPPED:
+            lines.append(f"... and {len(files) - SHOWN_SKIPPED} more {split} files (all in the --output report)")
     return "\n".join(lines)

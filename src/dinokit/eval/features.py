@@ -132,7 +132,7 @@ def cache_key(model: nn.Module, images: LabelledImages, transform, n_blocks: int
             state = f"{stat.st_size}:{stat.st_mtime_ns}"
         except OSError:
             state = "missing"
-        digest.update(f"{path}\0{label}\0{state}\n".encode())
+        digest.update(os.fsencode(path) + f"\0{label}\0{state}\n".encode())  # any file name, UTF-8 or not
     return digest.hexdigest()
 
 

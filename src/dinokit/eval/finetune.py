@@ -155,12 +155,18 @@ def _finetune(model, train, val, output: Path, config: FinetuneConfig, *, num_wo
     # The log beside the best checkpoint gets the epochs after it too.
     atomic.write_text(output / "training_log.json", json.dumps(_log(history, config, trainer, best_epoch), indent=2))
     return {"history": history, "best_epoch": best_epoch, "best_val_top1": best, "output": str(output),
-            "skipped_unreadable": dict(trainer.skipped)}
+            "skipped_unreadable": dict(trainer.skipped), "skipped_files": _skipped_files(trainer)}
 
 
 def _log(history: list[dict], config: FinetuneConfig, trainer, best_epoch: int) -> dict:
     return {"epochs": history, "best_epoch": best_epoch, "settings": {**asdict(config), "head_lr": config.head_lr},
-            "skipped_unreadable": dict(trainer.skipped)}
+            "skipped_unreadable": dict(trainer.skipped), "skipped_files": _skipped_files(trainer)}
+
+
+def _skipped_files(trainer) -> dict:
+    """{"train": [{"path", "reason"}, ...], "val": [...]}: the unreadable images, for training_log.json."""
+    return {split: [{"path": path, "reason": reason} for path, reason in sorted(files.items())]
+            for split, files in trainer.skipped_files.items()}
 
 
 @dataclass
@@ -170,6 +176,7 @@ class _Trainer:
     evaluate: Callable[[], float]  # validation top-1 (percent)
     steps_per_epoch: int
     skipped: dict  # unreadable images: {"train": count, "val": count}
+    skipped_files: dict  # the same images: {"train": {path: reason}, "val": {path: reason}}
 
 
 def _frozen_setup(backbone, classifier, train_images, val_images, config, *, transform, num_workers, device,
@@ -212,7 +219,8 @@ def _frozen_setup(backbone, classifier, train_images, val_images, config, *, tra
         return 100.0 * (head(val_x).argmax(dim=1) == val_y).double().mean().item()
 
     return _Trainer(batches, step, evaluate, math.ceil(len(train_y) / batch_size),
-                    {"train": len(train_features.skipped), "val": len(val_features.skipped)})
+                    {"train": len(train_features.skipped), "val": len(val_features.skipped)},
+                    {"train": dict(train_features.skipped), "val": dict(val_features.skipped)})
 
 
 def _unfrozen_setup(backbone, classifier, train_images, val_images, config, *, transform, num_workers, device,
@@ -234,13 +242,13 @@ def _unfrozen_setup(backbone, classifier, train_images, val_images, config, *, t
     for group in groups:
         group["weight_decay"] = config.weight_decay * group["wd_multiplier"]
     optimizer = torch.optim.AdamW(groups, lr=config.head_lr)
-    unreadable: dict[str, set] = {"train": set(), "val": set()}
+    unreadable: dict[str, dict] = {"train": {}, "val": {}}  # path -> reason
     skipped = {"train": 0, "val": 0}
 
     def batches():
         classifier.train()
         for batch in train_loader:
-            unreadable["train"].update(index for index, _ in batch["errors"])
+            unreadable["train"].update((train_images.paths[i], reason) for i, reason in batch["errors"])
             skipped["train"] = len(unreadable["train"])
             if batch["pixel_values"] is not None:
                 yield batch
@@ -259,7 +267,7 @@ def _unfrozen_setup(backbone, classifier, train_images, val_images, config, *, t
         classifier.eval()
         correct = seen = 0
         for batch in val_loader:
-            unreadable["val"].update(index for index, _ in batch["errors"])
+            unreadable["val"].update((val_images.paths[i], reason) for i, reason in batch["errors"])
             if batch["pixel_values"] is None:
                 continue
             logits = classifier(pixel_values=batch["pixel_values"].to(device)).logits
@@ -270,4 +278,4 @@ def _unfrozen_setup(backbone, classifier, train_images, val_images, config, *, t
             raise ValueError(f"None of the {len(val_images)} validation images could be read.")
         return 100.0 * correct / seen
 
-    return _Trainer(batches, step, evaluate, len(train_loader), skipped)
+    return _Trainer(batches, step, evaluate, len(train_loader), skipped, unreadable)

@@ -88,16 +88,15 @@ def generated_images(count: int = 32, size=224, seed: int = 0) -> torch.Tensor:
 
 def folder_images(folder: str | os.PathLike, count: int = 64, size=224) -> torch.Tensor:
     """`count` images spread evenly over a folder (searched recursively), preprocessed like DINOv2 evaluation."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
+    from dinokit.data.images import IMAGE_EXTENSIONS, find_image_files
     from dinokit.processing import eval_transform, load_image
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith("."))
+    files = find_image_files(folder)
     if not files:
-        raise ValueError(f"{folder} has no images ({', '.join(IMG_EXTENSIONS)})")
+        raise ValueError(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
     step = max(1, len(files) // count)
     height, width = _height_width(size)
     transform = eval_transform(resize=round(max(height, width) * 256 / 224), crop=(height, width))

@@ -128,11 +128,11 @@ def run_demo(output_dir="dinokit_demo", data=None, minutes: float = 3.0, threads
         print(f"{source} is not an ImageFolder tree of several classes: k-NN skipped.")
         if pixels is None:
             from dinokit.data import list_image_files
-            from dinokit.processing import load_image
+            from dinokit.data.images import read_image
 
             paths = list_image_files(source)[:8]
             pixels = torch.stack([torch.from_numpy(np.array(
-                load_image(p).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))).permute(2, 0, 1)
+                read_image(p).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))).permute(2, 0, 1)
                 for p in paths])
     chosen = torch.linspace(0, len(pixels) - 1, min(8, len(pixels))).long()
     result["pca_picture"] = str(_pca_picture(teacher, pixels[chosen], output_dir / "pca.png", cfg.student.patch_size))

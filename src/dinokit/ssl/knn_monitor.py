@@ -12,9 +12,9 @@ import torch
 from torchvision import transforms
 
 from dinokit.data.augmentations import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from dinokit.data.images import read_image
 from dinokit.eval.data import load_split
 from dinokit.eval.knn import knn_evaluate
-from dinokit.processing import load_image
 
 
 def load_labelled_pixels(source, image_size: int, max_images: int | None = None, seed: int = 0):
@@ -32,7 +32,7 @@ def load_labelled_pixels(source, image_size: int, max_images: int | None = None,
     resize = transforms.Compose([
         transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(image_size), transforms.PILToTensor()])
-    pixels = torch.stack([resize(load_image(split.paths[i]).convert("RGB")) for i in indices])
+    pixels = torch.stack([resize(read_image(split.paths[i])) for i in indices])
     return pixels, torch.as_tensor(labels[indices]), split.classes
 
 
