@@ -17,7 +17,6 @@ from dinokit.data import sources
 from dinokit.data.datasets import UnlabeledImageDataset
 from dinokit.data.images import read_image
 from dinokit.ssl.loader import InfiniteShardedSampler
-
 from shards import write_shard
 
 SIZE = 28

@@ -25,6 +25,7 @@ the rerun embeds the missing shards alone (the local engine's resume).
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from dinokit.extras import optional_import
 def embed_shards_on_ray(plan, model, output_dir, shards, *, address=None, workers=None, gpus_per_worker=0.0,
                         progress=True) -> None:
     """Embed `shards` of `plan` with `model` on Ray and write them into `output_dir` (see the module notes)."""
-    from dinokit.apps import embed as local
+    local = importlib.import_module("dinokit.apps.embed")  # the module (dinokit.apps.embed is also a function)
 
     ray = optional_import("ray", purpose="dinokit embed --engine ray")
     optional_import("ray.data", purpose="dinokit embed --engine ray")
