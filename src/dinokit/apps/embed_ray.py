@@ -97,7 +97,9 @@ def connect(address: str | None, workers: int) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:
-        ray.init(num_cpus=(os.cpu_count() or 1) + workers, **quiet)
+        # Ray runs its workers at nice 15 (to keep the raylet responsive); on a machine shared with other work
+        # that starves them, while the local engine runs at normal priority. A local Ray is this one job: nice 0.
+        ray.init(num_cpus=(os.cpu_count() or 1) + workers, _system_config={"worker_niceness": 0}, **quiet)
     return True
 
 
