@@ -159,3 +159,13 @@ def test_a_package_that_is_installed_but_broken_is_reported_with_its_own_import_
     message = str(caught.value)
     assert "faiss-cpu is installed but does not import" in message
     assert "_swigfaiss_missing_native_part" in message and "pip install 'dinokit[apps]'" in message
+
+
+def test_embed_engine_ray_without_ray_names_the_ray_extra_and_writes_nothing(monkeypatch, capsys, labelled,
+                                                                              model_dir, tmp_path):
+    hide(monkeypatch, "ray")
+    out = tmp_path / "emb"
+    assert main(["embed", str(labelled), "--model", str(model_dir), "--output", str(out), "--engine", "ray",
+                 "--quiet"]) == 2
+    assert "ray[data]" in one_line_error(capsys, "ray", "ray")
+    assert not out.exists()

@@ -18,6 +18,7 @@ PACKAGES: dict[str, tuple[str, str | None]] = {
     "onnx": ("onnx", "export"),
     "onnxruntime": ("onnxruntime", "export"),
     "onnxscript": ("onnxscript", "export"),
+    "ray": ("ray[data]", "ray"),
     "cuml": ("cuml-cu12", None),  # RAPIDS, CUDA only: https://docs.rapids.ai/install
 }
 

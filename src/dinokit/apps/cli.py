@@ -9,9 +9,11 @@ from dinokit.cli import RERUN_TO_RESUME
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("embed", help="embed a folder, glob or file list of images into sharded .npy/.parquet")
+    p = subparsers.add_parser("embed", help="embed a folder, glob, file list or WebDataset shards of images into "
+                                            "sharded .npy/.parquet")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="folder (recursive), quoted glob, .txt file with one path per line, or image files")
+                   help="folder (recursive), quoted glob, .txt file with one path per line, .parquet of paths, "
+                        "image files, or WebDataset shards: a .tar, a folder of .tar, 'shards/{00000..00099}.tar'")
     p.add_argument("--model", "-m", required=True, help="model directory, hub id, checkpoint file or preset")
     p.add_argument("--output", "-o", required=True, help="output folder (an unfinished run in it is resumed)")
     p.add_argument("--pooling", choices=["cls", "mean", "cls+mean", "patch"], default="cls",
@@ -26,6 +28,13 @@ def register(subparsers) -> None:
     p.add_argument("--shard-size", type=int, default=None, help="images per shard (default: 10000; patch: ~256 MB)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (or torchrun's); ray: Ray Data tasks decode, a pool of model actors "
+                        "embeds (needs dinokit[ray])")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join ('auto', 'ray://head:10001'); default: start a local Ray")
+    p.add_argument("--workers", type=int, default=None, help="--engine ray: model actors (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="--engine ray: GPUs per model actor")
     p.set_defaults(func=_embed, on_interrupt=RERUN_TO_RESUME)
 
     p = subparsers.add_parser("index", help="build a faiss index over an embedding folder")
@@ -82,7 +91,8 @@ def _embed(args) -> int:
     report = embed(inputs, args.model, args.output, pooling=args.pooling, normalize=args.normalize,
                    dtype=args.dtype, image_size=args.image_size, batch_size=args.batch_size,
                    num_workers=args.num_workers, shard_size=args.shard_size, device=args.device,
-                   progress=not args.quiet)
+                   progress=not args.quiet, engine=args.engine, ray_address=args.ray_address,
+                   workers=args.workers, gpus_per_worker=args.gpus_per_worker)
     return 0 if report.num_embedded else 1
 
 

@@ -23,7 +23,6 @@ Pooling: "cls" (the CLS token after the final norm), "mean" (mean of the patch t
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import sys
@@ -40,19 +39,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinokit import atomic, locking
 from dinokit.apps import store
-from dinokit.data.images import (
-    IMAGE_EXTENSIONS,
-    ImageReadError,
-    display_path,
-    find_image_files,
-    pil_to_rgb,
-    read_image,
-)
+from dinokit.data import sources
+from dinokit.data.images import display_path, pil_to_rgb, read_image
 from dinokit.extras import require
 
 POOLINGS = ("cls", "mean", "cls+mean", "patch")
 DTYPES = {"float32": np.float32, "float16": np.float16}
-LIST_EXTENSIONS = {".txt", ".lst"}
+LIST_EXTENSIONS = sources.LIST_EXTENSIONS
 VECTOR_SHARD_SIZE = 10_000
 PATCH_SHARD_BYTES = 256 * 2**20  # patch grids are big: shards of about this size keep memory bounded
 FORMAT = "dinokit-embeddings/1"
@@ -64,48 +57,21 @@ def _log(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- inputs
 def list_images(inputs) -> list[str]:
-    """Sorted, de-duplicated absolute paths of the images named by `inputs`.
+    """Sorted, de-duplicated absolute paths of the image files named by `inputs` (no WebDataset shards).
 
     inputs: a folder (searched recursively for image extensions, hidden files skipped); a glob pattern; a text
     file (.txt/.lst) with one path per line (relative paths are relative to that file; blank lines and lines
-    starting with # are skipped); an image file; or a list of any of these. Files named explicitly, listed or
-    matched by a glob are all tried, whatever their extension; in a list, a path that does not exist is kept
-    (it is reported in errors.parquet rather than stopping the run).
+    starting with # are skipped); a .parquet of paths; an image file; or a list of any of these. Files named
+    explicitly, listed or matched by a glob are all tried, whatever their extension; in a list, a path that does
+    not exist is kept (it is reported in errors.parquet rather than stopping the run). `list_entries` also
+    takes shards (`dinokit.data.sources`).
     """
-    if isinstance(inputs, (list, tuple)):
-        if not inputs:
-            raise ValueError("No input images were given (empty list).")
-        paths = [p for item in inputs for p in _expand(str(item), missing_ok=True)]
-    else:
-        paths = _expand(str(inputs), missing_ok=False)
-    return sorted({os.path.abspath(os.path.expanduser(p)) for p in paths})
+    return sources.list_files(inputs)
 
 
-def _expand(text: str, missing_ok: bool) -> list[str]:
-    path = Path(text).expanduser()
-    if path.is_dir():
-        paths = [str(p) for p in find_image_files(path)]
-        if not paths:
-            raise ValueError(f"No images found in folder {path} (looked recursively for "
-                             f"{', '.join(sorted(IMAGE_EXTENSIONS))}).")
-        return paths
-    if path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
-        lines = [line.strip() for line in path.read_text().splitlines()]
-        paths = [str(path.parent / line) for line in lines if line and not line.startswith("#")]
-        if not paths:
-            raise ValueError(f"The file list {path} names no files.")
-        return paths
-    if path.is_file():
-        return [text]
-    if glob.has_magic(text):
-        paths = [p for p in glob.glob(os.path.expanduser(text), recursive=True) if os.path.isfile(p)]
-        if not paths:
-            raise ValueError(f"The pattern {text!r} matches no files.")
-        return paths
-    if missing_ok:
-        return [text]
-    raise FileNotFoundError(f"Input {text!r} does not exist. Pass a folder, a glob pattern (quoted), a .txt file "
-                            f"listing one image path per line, or image files.")
+def list_entries(inputs) -> list[sources.Entry]:
+    """The samples `embed` embeds, in order: files as `list_images`, then WebDataset shards' samples."""
+    return sources.list_entries(inputs)
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -184,20 +150,28 @@ def preprocessing_description(image_size: int) -> dict:
 
 
 class ImageFiles(Dataset):
-    """Item i: (i, pixels or None, width, height, error reason or None). Never raises for a bad file."""
+    """Item i: (i, pixels or None, width, height, error reason or None). Never raises for a bad file.
 
-    def __init__(self, paths: list[str], transform) -> None:
+    `paths`: file paths or `dinokit.data.sources.Entry`s (files or tar members)."""
+
+    def __init__(self, paths: list, transform) -> None:
         self.paths, self.transform = paths, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            image = read_image(self.paths[i])
-        except ImageReadError as exc:  # a bad file is data, not a crash: its reason goes to errors.parquet
-            return i, None, 0, 0, exc.reason
-        return i, self.transform(image), image.width, image.height, None
+        return (i, *decode(self.paths[i], self.transform))
+
+
+def decode(item, transform) -> tuple:
+    """(pixels or None, width, height, error reason or None) of one path or entry: the work of a decoding worker,
+    shared by the local and the Ray engine. A bad file is data, not a crash: its reason goes to errors.parquet."""
+    entry = item if isinstance(item, sources.Entry) else sources.file_entry(item)
+    sample = sources.read_sample(entry)
+    if sample.error is not None:
+        return None, 0, 0, sample.error
+    return transform(sample.image), sample.image.width, sample.image.height, None
 
 
 @dataclass
@@ -320,35 +294,74 @@ def _settings_mismatch(old: dict, new: dict) -> list[str]:
     return changes
 
 
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class Plan:
+    """What a run embeds and how it is cut: shared by the local and the Ray engine, so both write the same
+    shards from the same batches (batches never straddle a shard; shard s holds entries
+    [s * shard_size, (s + 1) * shard_size))."""
+
+    entries: list
+    num_shards: int
+    shard_size: int
+    batch_size: int
+    image_size: int
+    pooling: str
+    normalize: bool
+    out_dtype: type
+    shape: tuple[int, ...]
+    shard_metadata: bool  # WebDataset sources: key, url and caption columns in the metadata
+
+    def shard_range(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.entries)))
+
+    def batches(self, shards) -> list[tuple[int, list[int]]]:
+        """(shard, entry indices) of every batch of `shards`, in order."""
+        out = []
+        for s in shards:
+            files = self.shard_range(s)
+            out += [(s, list(files[i:i + self.batch_size])) for i in range(0, len(files), self.batch_size)]
+        return out
+
+
 def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normalize: bool = False,
           dtype: str = "float32", image_size: int = 224, batch_size: int = 32, num_workers: int | None = None,
-          shard_size: int | None = None, device: str = "auto", progress: bool = True) -> EmbedReport:
-    """Embed the images of `inputs` (see `list_images`) with `model` into `output_dir`; resumes an unfinished run.
+          shard_size: int | None = None, device: str = "auto", progress: bool = True, engine: str = "local",
+          ray_address: str | None = None, workers: int | None = None, gpus_per_worker: float = 0) -> EmbedReport:
+    """Embed the images of `inputs` (see `list_entries`) with `model` into `output_dir`; resumes an unfinished run.
 
     model: a dinokit model or anything `dinokit.load_model` accepts (directory, hub id, checkpoint, preset).
     shard_size: images per shard (default 10,000; for "patch" about 256 MB of features per shard).
     num_workers: decoding processes (default: the number of CPU cores, at most 8).
-    Under `torchrun`, call it in every process with the same arguments; rank 0 writes the manifest and
-    errors.parquet, and the result equals a one-process run.
+    engine: "local" (this process, DataLoader workers; under `torchrun`, call it in every process with the same
+    arguments: rank 0 writes the manifest and errors.parquet, and the result equals a one-process run) or "ray"
+    (`dinokit.apps.embed_ray`: decoding as Ray tasks, the model in a pool of `workers` Ray actors with
+    `gpus_per_worker` GPUs each, on the cluster at `ray_address` or a local one; same folder, same vectors).
     """
     require("pyarrow", "pyarrow.parquet", purpose="writing an embedding folder")  # before anything is written
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if engine == "ray":
+        require("ray", "ray.data", purpose="dinokit embed --engine ray")
     _check_pooling(pooling)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
-    rank, world, created_group = _distributed()
+    rank, world, created_group = _distributed() if engine == "local" else (0, 1, False)
     say = _log if (progress and rank == 0) else (lambda message: None)
     output_dir = Path(output_dir)
     lock = None
     try:
-        device = select_device(device)
+        device = select_device(device) if engine == "local" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL collectives run on the current device
         # Before any slow step: a second run on this folder refuses at once. Held until the run ends.
         lock = locking.acquire_for_ranks(output_dir, "dinokit embed", rank, world)
-        paths = list_images(inputs)
+        entries = list_entries(inputs)
         spec = model
         model = load(model)
         model = model.to(device).eval()
@@ -359,15 +372,18 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
             shard_size = VECTOR_SHARD_SIZE if pooling != "patch" else max(1, PATCH_SHARD_BYTES // bytes_per_image)
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-        num_shards = -(-len(paths) // shard_size)
+        num_shards = -(-len(entries) // shard_size)
+        plan = Plan(entries, num_shards, shard_size, batch_size, image_size, pooling, normalize, DTYPES[dtype],
+                    shape, shard_metadata=any(e.tar is not None for e in entries))
 
         manifest = {
             "format": FORMAT, "complete": False, "model": describe_model(model, spec),
             "image_size": image_size, "patch_size": _patch_size(model),
             "preprocessing": preprocessing_description(image_size), "pooling": pooling,
             "dim": shape[-1], "shape": list(shape), "dtype": dtype, "normalized": normalize,
-            "num_files": len(paths), "num_shards": num_shards, "shard_size": shard_size, "batch_size": batch_size,
-            "inputs_sha256": hashlib.sha256(b"\n".join(map(os.fsencode, paths))).hexdigest(),
+            "num_files": len(entries), "num_shards": num_shards, "shard_size": shard_size, "batch_size": batch_size,
+            "inputs_sha256": hashlib.sha256(b"\n".join(os.fsencode(e.key) for e in entries)).hexdigest(),
+            "engine": engine,
         }
         if rank == 0:
             _start_or_resume(output_dir, manifest)
@@ -376,26 +392,29 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
         mine = list(range(rank, num_shards, world))
         todo = [s for s in mine if not store.is_shard_complete(output_dir, s, num_shards)]
         done_before = len(mine) - len(todo)
-        say(f"dinokit embed: {len(paths):,} files in {num_shards} shard(s) of {shard_size:,}; "
+        say(f"dinokit embed: {len(entries):,} files in {num_shards} shard(s) of {shard_size:,}; "
             f"{_human_bytes(bytes_per_image)} per image ({pooling}: {' x '.join(map(str, shape))} {dtype}), "
-            f"up to {_human_bytes(bytes_per_image * len(paths))} in all"
+            f"up to {_human_bytes(bytes_per_image * len(entries))} in all"
             + (f"; resuming, {done_before} shard(s) already done" if done_before else "")
-            + (f"; {world} processes" if world > 1 else ""))
+            + (f"; {world} processes" if world > 1 else "") + ("; engine: ray" if engine == "ray" else ""))
         if pooling == "patch":
             say(f"dinokit embed: patch grids are held one shard at a time in memory: "
-                f"up to {_human_bytes(bytes_per_image * min(shard_size, len(paths)))} per shard.")
-        if todo:
-            _embed_shards(paths, model, output_dir, todo, num_shards, shard_size, pooling, normalize,
-                          DTYPES[dtype], shape, image_size, batch_size, num_workers, device,
-                          progress and rank == 0)
+                f"up to {_human_bytes(bytes_per_image * min(shard_size, len(entries)))} per shard.")
+        if todo and engine == "ray":
+            from dinokit.apps.embed_ray import embed_shards_on_ray
+
+            embed_shards_on_ray(plan, model, output_dir, todo, address=ray_address, workers=workers,
+                                gpus_per_worker=gpus_per_worker, progress=progress)
+        elif todo:
+            _embed_shards(plan, model, output_dir, todo, num_workers, device, progress and rank == 0)
         _barrier(world)
         if rank == 0:
             _finish(output_dir, manifest)
         _barrier(world)
         final = store.read_manifest(output_dir)
-        report = EmbedReport(output_dir=str(output_dir), num_files=len(paths), num_embedded=final["num_embedded"],
-                             num_errors=final["num_errors"], num_shards=num_shards,
-                             shards_already_done=done_before, feature_shape=shape,
+        report = EmbedReport(output_dir=str(output_dir), num_files=len(entries),
+                             num_embedded=final["num_embedded"], num_errors=final["num_errors"],
+                             num_shards=num_shards, shards_already_done=done_before, feature_shape=shape,
                              seconds=time.perf_counter() - started)
         say(f"dinokit embed: {report.num_embedded:,} embedded, {report.num_errors:,} unreadable "
             f"(see {output_dir / store.ERRORS}) in {report.seconds:.1f} s")
@@ -429,51 +448,71 @@ def _start_or_resume(output_dir: Path, manifest: dict) -> None:
         store.write_manifest(output_dir, manifest)
 
 
-def _embed_shards(paths, model, output_dir, shards, num_shards, shard_size, pooling, normalize, out_dtype, shape,
-                  image_size, batch_size, num_workers, device, show_progress) -> None:
+def _embed_shards(plan: Plan, model, output_dir, shards, num_workers, device, show_progress) -> None:
     from tqdm.auto import tqdm
 
-    ranges = {s: range(s * shard_size, min((s + 1) * shard_size, len(paths))) for s in shards}
-    batches = []  # shard-aligned, so each image meets the same batch in every kind of run
-    for s in shards:
-        files = ranges[s]
-        batches += [list(files[i:i + batch_size]) for i in range(0, len(files), batch_size)]
+    batches = [indices for _, indices in plan.batches(shards)]  # shard-aligned: the same batches in every run
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
-    loader = DataLoader(ImageFiles(paths, eval_transform(image_size)), batch_sampler=batches, collate_fn=collate,
-                        num_workers=num_workers, prefetch_factor=4 if num_workers else None,
+    loader = DataLoader(ImageFiles(plan.entries, eval_transform(plan.image_size)), batch_sampler=batches,
+                        collate_fn=collate, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False)
-    total = sum(len(ranges[s]) for s in shards)
+    total = sum(len(plan.shard_range(s)) for s in shards)
     bar = tqdm(total=total, unit="img", desc="embed", disable=not show_progress, smoothing=0.1, dynamic_ncols=True)
 
-    current, rows, sizes, failed, seen = None, [], [], [], 0
+    current, parts = None, []
     for batch in loader:
-        shard = (batch.indices or [i for i, _ in batch.failed])[0] // shard_size
+        shard = (batch.indices or [i for i, _ in batch.failed])[0] // plan.shard_size
         if current is None:
             current = shard
+        features = None
         if batch.pixels is not None:
-            features = embed_pixels(model, batch.pixels.to(device, non_blocking=True), pooling, normalize)
-            rows.append(features.astype(out_dtype, copy=False))
-            sizes += [(paths[i], w, h) for i, (w, h) in zip(batch.indices, batch.sizes)]
-        failed += [(paths[i], reason) for i, reason in batch.failed]
-        seen += len(batch.indices) + len(batch.failed)
+            features = embed_pixels(model, batch.pixels.to(device, non_blocking=True), plan.pooling,
+                                    plan.normalize)
+        parts.append(BatchResult(batch.indices, features, batch.sizes, batch.failed))
         bar.update(len(batch.indices) + len(batch.failed))
-        if seen == len(ranges[current]):  # the shard's last batch: write it
-            _write(output_dir, current, num_shards, rows, sizes, failed, out_dtype, shape)
-            current, rows, sizes, failed, seen = None, [], [], [], 0
+        if sum(len(p.indices) + len(p.failed) for p in parts) == len(plan.shard_range(current)):
+            write_shard(plan, output_dir, current, parts)  # the shard's last batch
+            current, parts = None, []
     bar.close()
 
 
-def _write(output_dir, shard, num_shards, rows, sizes, failed, out_dtype, shape) -> None:
+@dataclass
+class BatchResult:
+    """One embedded batch: the rows of the readable entries, their sizes, and the entries that failed."""
+
+    indices: list[int]
+    features: np.ndarray | None
+    sizes: list[tuple[int, int]]
+    failed: list[tuple[int, str]]
+
+
+def write_shard(plan: Plan, output_dir, shard: int, parts: list[BatchResult]) -> None:
+    """Write shard `shard` from its batches (in order) through `store.write_shard` (atomic, metadata last)."""
     import pyarrow as pa
 
-    embeddings = np.concatenate(rows) if rows else np.zeros((0, *shape), dtype=out_dtype)
-    metadata = {"path": pa.array([display_path(p) for p, _, _ in sizes], pa.string()),
-                "width": pa.array([w for _, w, _ in sizes], pa.int32()),
-                "height": pa.array([h for _, _, h in sizes], pa.int32())}
-    errors = {"path": pa.array([display_path(p) for p, _ in failed], pa.string()),
+    rows = [p.features.astype(plan.out_dtype, copy=False) for p in parts if p.features is not None]
+    embeddings = np.concatenate(rows) if rows else np.zeros((0, *plan.shape), dtype=plan.out_dtype)
+    good = [(plan.entries[i], w, h) for p in parts for i, (w, h) in zip(p.indices, p.sizes)]
+    failed = [(plan.entries[i], reason) for p in parts for i, reason in p.failed]
+    metadata = {"path": pa.array([_entry_name(e) for e, _, _ in good], pa.string()),
+                "width": pa.array([w for _, w, _ in good], pa.int32()),
+                "height": pa.array([h for _, _, h in good], pa.int32())}
+    if plan.shard_metadata:
+        for column in ("key", "url", "caption"):
+            metadata[column] = pa.array([_entry_meta(e, column) for e, _, _ in good], pa.string())
+    errors = {"path": pa.array([_entry_name(e) for e, _ in failed], pa.string()),
               "reason": pa.array([r for _, r in failed], pa.string())}
-    store.write_shard(output_dir, shard, num_shards, embeddings, metadata, errors if failed else None)
+    store.write_shard(output_dir, shard, plan.num_shards, embeddings, metadata, errors if failed else None)
+
+
+def _entry_name(entry) -> str:
+    return entry.name if isinstance(entry, sources.Entry) else display_path(entry)
+
+
+def _entry_meta(entry, column: str):
+    value = entry.metadata.get(column) if isinstance(entry, sources.Entry) else None
+    return value
 
 
 def _finish(output_dir: Path, manifest: dict) -> None:

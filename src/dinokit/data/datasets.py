@@ -1,6 +1,7 @@
-"""Unlabelled image datasets for self-supervised training: any folder of images, an ImageFolder tree, a file list.
+"""Unlabelled image datasets for self-supervised training: any folder of images, an ImageFolder tree, a file list,
+WebDataset tar shards.
 
-Files are listed and read by dinokit's one reader (`dinokit.data.images`: the same extensions, pixels and
+Samples are listed and read by dinokit's image-source layer (`dinokit.data.sources`) and its one reader (`dinokit.data.images`: the same extensions, pixels and
 refusals as every command). A file the reader refuses is skipped when it is read: the dataset logs a warning
 naming it and the reason, counts it and returns the next readable image instead, so one bad file never stops a
 long run. A source without a single readable image is an
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from dinokit.data.images import IMAGE_EXTENSIONS, ImageReadError, display_path, find_image_files, read_image
+from dinokit.data.images import IMAGE_EXTENSIONS, display_path, find_image_files
+from dinokit.data.sources import Entry, expand_braces, file_entry, list_entries, read_sample
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,22 @@ def list_image_files(source, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> li
             return [root]
         return _read_file_list(root)
     return [Path(p).expanduser() for p in source]
+
+
+def training_entries(source, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Entry]:
+    """The samples of `source` for training: what `list_image_files` lists, or WebDataset shards (a `.tar`, a
+    brace list `shards/{00000..00099}.tar`, a folder of `.tar` files; `dinokit.data.sources`)."""
+    if isinstance(source, (str, os.PathLike)) and _names_shards(os.fspath(source)):
+        return list_entries(os.fspath(source))
+    return [file_entry(p) for p in list_image_files(source, extensions)]
+
+
+def _names_shards(text: str) -> bool:
+    expanded = expand_braces(text)
+    if all(p.lower().endswith(".tar") for p in expanded):
+        return True
+    path = Path(text).expanduser()
+    return path.is_dir() and any(p.suffix.lower() == ".tar" for p in path.iterdir())
 
 
 def _read_file_list(list_file: Path) -> list[Path]:
@@ -65,8 +83,9 @@ class UnlabeledImageDataset(Dataset):
     def __init__(self, source, transform=None, extensions: Sequence[str] = IMAGE_EXTENSIONS):
         self.source = source
         self.transform = transform
-        self.paths = list_image_files(source, extensions)
-        self.bad_files: dict[Path, str] = {}
+        self.entries = training_entries(source, extensions)
+        self.paths = [Path(e.key) if e.tar is None else e.key for e in self.entries]  # keys, as before
+        self.bad_files: dict[Path | str, str] = {}
         if not self.paths:
             raise ValueError(f"No image files in {source} (extensions {', '.join(extensions)}). Point to a folder "
                              "that contains images (searched recursively) or to a list of image paths.")
@@ -96,13 +115,13 @@ class UnlabeledImageDataset(Dataset):
         path = self.paths[index]
         if path in self.bad_files:
             return None
-        try:
-            return read_image(path)
-        except ImageReadError as exc:
-            self.bad_files[path] = exc.reason
+        sample = read_sample(self.entries[index])
+        if sample.error is not None:
+            self.bad_files[path] = sample.error
             logger.warning("Skipping unreadable image %s (%s); %d skipped so far in this process",
-                           display_path(path), exc.reason, len(self.bad_files))
+                           display_path(path), sample.error, len(self.bad_files))
             return None
+        return sample.image
 
     def _check_readable(self) -> None:
         for index in range(len(self.paths)):

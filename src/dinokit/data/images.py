@@ -39,6 +39,7 @@ where a name has to become text (Parquet columns, printed lines), `display_path`
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import warnings
@@ -118,19 +119,32 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     with handle:
         if size == 0:
             raise ImageReadError(path, "empty file (0 bytes)", "Re-copy the file or remove it from the input.")
-        image = _open_checked(handle, path)
-        with image:
-            try:
-                image.load()  # decode everything now: truncation and corruption surface here
-                upright = ImageOps.exif_transpose(image)
-                return pil_to_rgb(to_eight_bits(upright))
-            except MemoryError:
-                raise ImageReadError(path, f"not enough memory to decode {image.width} x {image.height} pixels",
-                                     "Downscale the file.") from None
-            except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, EOFError...
-                kind = f"{image.format} " if image.format else ""
-                raise ImageReadError(path, f"truncated or corrupt {kind}data ({type(exc).__name__}: {exc})",
-                                     "Re-encode the file or remove it from the input.") from None
+        return _decode(handle, path)
+
+
+def read_image_bytes(data: bytes, name: str) -> Image.Image:
+    """An encoded image held in memory (e.g. a member of a WebDataset tar shard) as RGB, under exactly the policy
+    of `read_image`; `name` (e.g. 'shard.tar#key.jpg') is what an `ImageReadError` names."""
+    if not data:
+        raise ImageReadError(name, "empty file (0 bytes)", "Re-copy the file or remove it from the input.")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(handle, path) -> Image.Image:
+    """Header check, full decode, EXIF orientation, 8 bits, transparency on white (the module notes)."""
+    image = _open_checked(handle, path)
+    with image:
+        try:
+            image.load()  # decode everything now: truncation and corruption surface here
+            upright = ImageOps.exif_transpose(image)
+            return pil_to_rgb(to_eight_bits(upright))
+        except MemoryError:
+            raise ImageReadError(path, f"not enough memory to decode {image.width} x {image.height} pixels",
+                                 "Downscale the file.") from None
+        except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, EOFError...
+            kind = f"{image.format} " if image.format else ""
+            raise ImageReadError(path, f"truncated or corrupt {kind}data ({type(exc).__name__}: {exc})",
+                                 "Re-encode the file or remove it from the input.") from None
 
 
 def _open_checked(handle, path) -> Image.Image:

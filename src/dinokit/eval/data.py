@@ -5,8 +5,9 @@ comments are ignored; relative paths are relative to the list's folder). Classes
 their names, as torchvision's ImageFolder does. The validation split must have exactly the training split's
 classes: evaluating against a different set of folders is almost always a mistake, so it is an error.
 
-Images are read by dinokit's one reader (`dinokit.data.images.read_image`) and listed by its `find_image_files`
-(the same extensions and rules as every command). An unreadable image (refused by the reader: corrupt, empty,
+Sets are listed and read by dinokit's one image-source layer (`dinokit.data.sources.labelled_entries` and
+`read_sample`: the same extensions, reader and rules as every command; a Parquet file with a path and a `label`
+column works too). An unreadable image (refused by the reader: corrupt, empty,
 truncated, over the pixel limit, permission denied, a link loop) is not an error here: `ImageDataset` returns it
 as a failed sample, which the collate function drops and the feature extractor reports (count and paths in the
 results).
@@ -21,9 +22,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import find_classes
 
-from dinokit.data.images import IMAGE_EXTENSIONS, ImageReadError, find_image_files, read_image
+from dinokit.data import sources
 
 
 @dataclass
@@ -42,40 +42,16 @@ class LabelledImages:
 def image_folder(root: str | os.PathLike) -> LabelledImages:
     """An ImageFolder tree: one sub-folder per class, images anywhere below it."""
     root = Path(root).expanduser()
-    try:
-        classes, class_to_index = find_classes(str(root))
-    except FileNotFoundError:
-        raise ValueError(f"{root} has no class folders. Expected an ImageFolder tree <split>/<class>/<image>, "
-                         f"e.g. train/cat/001.jpg, or a file list of '<path> <class>' lines.") from None
-    paths, labels = [], []
-    for name in classes:
-        files = find_image_files(root / name)
-        paths += [str(p) for p in files]
-        labels += [class_to_index[name]] * len(files)
-    if not paths:
-        raise ValueError(f"{root} has class folders ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) "
-                         f"but no images in them (extensions {', '.join(IMAGE_EXTENSIONS)}).")
-    return LabelledImages(paths, labels, classes, str(root))
+    entries, classes = sources.labelled_entries(root)
+    return LabelledImages([e.path for e in entries], [e.label for e in entries], classes, str(root))
 
 
 def file_list(list_file: str | os.PathLike) -> LabelledImages:
-    """A text file of `<path> <class name>` (or comma-separated) lines."""
+    """A text file of `<path> <class name>` (or comma-separated) lines, or a Parquet file with a path and a
+    `label` column."""
     list_file = Path(list_file).expanduser()
-    entries = []
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        path, _, name = line.rpartition("," if "," in line else " ")
-        if not path.strip() or not name.strip():
-            raise ValueError(f"{list_file}:{number}: expected '<image path> <class name>', got {line!r}.")
-        path = Path(path.strip()).expanduser()
-        entries.append((str(path if path.is_absolute() else list_file.parent / path), name.strip()))
-    if not entries:
-        raise ValueError(f"File list {list_file} has no entries. Write one '<image path> <class name>' per line.")
-    classes = sorted({name for _, name in entries})
-    index = {name: i for i, name in enumerate(classes)}
-    return LabelledImages([p for p, _ in entries], [index[n] for _, n in entries], classes, str(list_file))
+    entries, classes = sources.labelled_entries(list_file)
+    return LabelledImages([e.path for e in entries], [e.label for e in entries], classes, str(list_file))
 
 
 def load_split(source: str | os.PathLike, what: str = "split") -> LabelledImages:
@@ -117,11 +93,10 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        try:
-            image = read_image(self.paths[index])
-        except ImageReadError as exc:
-            return {"index": index, "error": exc.reason}
-        pixel_values = self.transform(image)
+        sample = sources.read_sample(sources.file_entry(self.paths[index]))
+        if sample.error is not None:
+            return {"index": index, "error": sample.error}
+        pixel_values = self.transform(sample.image)
         return {"index": index, "pixel_values": pixel_values, "label": self.labels[index]}
 
 
