@@ -18,8 +18,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinokit.apps import embed as embedding
 from dinokit.apps import store
+from dinokit.apps.embed import (
+    _check_image_size,
+    embed_pixels,
+    eval_transform,
+    feature_shape,
+    load,
+    model_from_manifest,
+    select_device,
+)
 from dinokit.apps.index import _faiss, load_index, normalized_float32, resolve_index_dir
 from dinokit.apps.serve.uploads import decode_upload
 
@@ -28,6 +36,7 @@ log = logging.getLogger("dinokit.serve")
 THUMBNAIL_SIDE = 256
 THUMBNAIL_CACHE = 4096  # thumbnails kept in memory (about 10 KB each)
 DUPLICATES_CACHE = 8  # duplicate groupings kept, by threshold
+PCA_SIZE = 224  # short side of the PCA picture: 16 x 16 patches, whatever size the collection was embedded at
 
 
 class UnknownImage(LookupError):
@@ -65,15 +74,15 @@ class Collection:
         self.index, self.index_kind = self._load_index()
 
         self.model_spec = str(model) if model is not None else (self.manifest.get("model") or {}).get("spec")
-        self.model = embedding.load(model) if model is not None else embedding.model_from_manifest(self.manifest)
-        self.device = embedding.select_device(device)
+        self.model = load(model) if model is not None else model_from_manifest(self.manifest)
+        self.device = select_device(device)
         self.model = self.model.to(self.device).eval()
-        embedding._check_image_size(self.model, self.image_size)
-        dim = embedding.feature_shape(self.model, self.pooling, self.image_size)[-1]
+        _check_image_size(self.model, self.image_size)
+        dim = feature_shape(self.model, self.pooling, self.image_size)[-1]
         if dim != self.dim:
             raise ValueError(f"the model gives {dim}-dimensional {self.pooling} features but {self.emb_dir} holds "
                              f"{self.dim}-dimensional ones; serve it with the model it was embedded with.")
-        self.transform = embedding.eval_transform(self.image_size)
+        self.transform = eval_transform(self.image_size)
         self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
         self._duplicates: OrderedDict[float, list[dict]] = OrderedDict()
         self._lock = threading.Lock()
@@ -126,7 +135,7 @@ class Collection:
         for pooling in dict.fromkeys(p for _, p in items):
             rows = [i for i, (_, p) in enumerate(items) if p == pooling]
             batch = torch.stack([items[i][0] for i in rows]).to(self.device)
-            for i, features in zip(rows, embedding.embed_pixels(self.model, batch, pooling)):
+            for i, features in zip(rows, embed_pixels(self.model, batch, pooling)):
                 results[i] = features
         return results
 
@@ -134,8 +143,8 @@ class Collection:
         """The image beside the PCA picture of its patch features, as PNG; runs on the model thread."""
         from dinokit.apps.pca import draw_pca_picture
 
-        patch = int(self.manifest.get("patch_size") or getattr(self.model.config, "patch_size", 14))
-        size = max(patch, min(224, self.image_size) // patch * patch)
+        patch = int(getattr(self.model.config, "patch_size", 14))
+        size = PCA_SIZE // patch * patch
         picture = draw_pca_picture([image], model=self.model, size=size, device=str(self.device))
         buffer = io.BytesIO()
         picture.image.save(buffer, format="PNG")
