@@ -150,7 +150,8 @@ def create_app(collection: Collection, *, max_batch: int = 32, max_wait_ms: floa
     async def health():
         return {"status": "ok", "images": len(collection), "model": collection.model_spec, "dim": collection.dim,
                 "pooling": collection.pooling, "image_size": collection.image_size,
-                "index": collection.index_kind, "max_batch": batcher.max_batch}
+                "index": collection.index_kind, "max_batch": batcher.max_batch,
+                "model_batches": batcher.batches_run, "model_batch_items": batcher.items_run}
 
     @app.post("/api/embed", summary="the embedding of an uploaded image")
     async def embed(image: UploadFile = File(..., description="the image to embed"),
@@ -177,11 +178,11 @@ def create_app(collection: Collection, *, max_batch: int = 32, max_wait_ms: floa
             k = _int_field(body.get("k"), "k", 10, 1, MAX_K)
             vector, query = collection.vector(image_id), collection.describe(image_id)
         elif content_type.startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=4)
-            k = _int_field(form.get("k"), "k", 10, 1, MAX_K)
-            upload = form.get("image")
-            vector = await embed_bytes(await read_upload(upload), collection.pooling)
-            query = {"upload": getattr(upload, "filename", None)}
+            async with request.form(max_files=1, max_fields=4) as form:  # closes the spooled upload after
+                k = _int_field(form.get("k"), "k", 10, 1, MAX_K)
+                upload = form.get("image")
+                vector = await embed_bytes(await read_upload(upload), collection.pooling)
+                query = {"upload": getattr(upload, "filename", None)}
         else:
             raise HTTPException(415, "send multipart/form-data with the image in the field `image`, or JSON "
                                      '{"id": ID} for an indexed image')

@@ -29,7 +29,8 @@ class DynamicBatcher:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1000
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinokit-model")
-        self.batch_sizes: list[int] = []  # recent batch sizes, for /api/health and tests
+        self.batch_sizes: list[int] = []  # the last 1000 batch sizes, for tests
+        self.batches_run = self.items_run = 0  # totals, in /api/health: their ratio is the mean batch size
         self._queue: asyncio.Queue | None = None
         self._collector: asyncio.Task | None = None
 
@@ -84,6 +85,7 @@ class DynamicBatcher:
             if not batch:
                 continue
             self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+            self.batches_run, self.items_run = self.batches_run + 1, self.items_run + len(batch)
             try:
                 results = await loop.run_in_executor(self.model_thread, self.run_batch, [i for i, _ in batch])
                 if len(results) != len(batch):
