@@ -9,9 +9,13 @@ What it does, all on this machine:
    keeps one HTTP connection and posts a collection file as a multipart upload; a request counts as an error
    unless it answers 200 with that file as its first result.
 4. Model-only rate: this process runs the same model on batches of B preprocessed images (decoding not timed),
-   the way `benchmarks/embed_throughput.py` measures `dinokit embed`'s model-only img/s.
-Reported per (concurrency, mode): requests/s, p50/p99 latency, errors, the servers' mean model batch, and the
-ratio to the model-only img/s; server RSS before and after the load.
+   the way `benchmarks/embed_throughput.py` measures `dinokit embed`'s model-only img/s -- on one worker
+   thread, as the server runs its model. (On a 2-core machine loaded by other processes, torch ops called from
+   the main thread were over 10x slower than the same ops from a worker thread: OpenMP's two threads spin at
+   barriers while one of them is descheduled. The main-thread rate is printed once at the end for reference.)
+Reported per (concurrency, mode): requests/s, p50/p99 latency, errors, the servers' mean model batch, the
+ratio to the model-only img/s, and CPU time per image (the server process's, or this process's for model-only),
+which shifts less than wall time when other processes load the machine; server RSS before and after the load.
 
     python benchmarks/serve_load.py                               # 400 searches at concurrency 1, 4, 16
     python benchmarks/serve_load.py --requests 100 --concurrency 16 --image-size 112   # quick
@@ -32,6 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +92,13 @@ def start_server(emb_dir: Path, max_batch: int, log: Path) -> tuple[subprocess.P
     raise RuntimeError("dinokit serve did not start within 2 minutes")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (less sensitive to other processes' load than wall time)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -101,7 +113,7 @@ def multipart(data: bytes, name: str) -> bytes:
             f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def run_load(port: int, bodies: list[tuple[int, bytes]], requests: int, concurrency: int) -> dict:
+def run_load(port: int, pid: int, bodies: list[tuple[int, bytes]], requests: int, concurrency: int) -> dict:
     """`requests` searches from `concurrency` threads, each with its own keep-alive connection."""
     latencies, errors, lock, counter = [], [0], threading.Lock(), iter(range(requests))
 
@@ -130,7 +142,7 @@ def run_load(port: int, bodies: list[tuple[int, bytes]], requests: int, concurre
                 errors[0] += not ok
         connection.close()
 
-    before = get_json(port, "/api/health")
+    before, cpu_before = get_json(port, "/api/health"), cpu_seconds(pid)
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
@@ -138,22 +150,32 @@ def run_load(port: int, bodies: list[tuple[int, bytes]], requests: int, concurre
     for t in threads:
         t.join()
     seconds = time.perf_counter() - started
+    cpu = cpu_seconds(pid) - cpu_before
     after = get_json(port, "/api/health")
     batches = after["model_batches"] - before["model_batches"]
     items = after["model_batch_items"] - before["model_batch_items"]
-    return {"seconds": seconds, "latencies": latencies, "errors": errors[0], "batches": batches, "items": items}
+    return {"seconds": seconds, "cpu": cpu, "latencies": latencies, "errors": errors[0], "batches": batches,
+            "items": items}
 
 
-def model_only(model, pixels: torch.Tensor, batch: int, images: int) -> tuple[float, int]:
-    """(seconds, images) for `images` images in batches of `batch`, preprocessed beforehand."""
+def model_only(model, pixels: torch.Tensor, batch: int, images: int, *, on_worker_thread: bool = True):
+    """(wall seconds, CPU seconds of this process) for `images` images in batches of `batch`, preprocessed
+    beforehand. On a worker thread by default, as the server runs its model: on a machine loaded by other
+    processes, torch's OpenMP threads are much slower called from the main thread (see the module docstring)."""
     from dinokit.apps.embed import embed_pixels
 
-    done, started = 0, time.perf_counter()
-    while done < images:
-        n = min(batch, images - done)
-        embed_pixels(model, pixels[:n], "cls")
-        done += n
-    return time.perf_counter() - started, done
+    def run():
+        done, started, cpu = 0, time.perf_counter(), time.process_time()
+        while done < images:
+            n = min(batch, images - done)
+            embed_pixels(model, pixels[:n], "cls")
+            done += n
+        return time.perf_counter() - started, time.process_time() - cpu
+
+    if not on_worker_thread:
+        return run()
+    with ThreadPoolExecutor(1) as worker:
+        return worker.submit(run).result()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -196,8 +218,8 @@ def main(argv=None) -> int:
         modes = {"on": args.max_batch, "off": 1}
         for mode, max_batch in modes.items():
             servers[mode] = start_server(scratch / "emb", max_batch, scratch / f"server_{mode}.log")
-        for _, port in servers.values():  # warm-up: first calls pay for lazy initialisation
-            run_load(port, bodies, 2 * args.max_batch, min(args.max_batch, 16))
+        for server, port in servers.values():  # warm-up: first calls pay for lazy initialisation
+            run_load(port, server.pid, bodies, 2 * args.max_batch, min(args.max_batch, 16))
         model_only(model, pixels, args.max_batch, args.max_batch)
         rss_before = {mode: rss_mb(server.pid) for mode, (server, _) in servers.items()}
 
@@ -205,7 +227,7 @@ def main(argv=None) -> int:
               f"{args.preset} at {args.image_size} px (random weights), CPU threads {torch.get_num_threads()} "
               f"(os.cpu_count {os.cpu_count()}); {args.requests} searches per cell in {args.rounds} rounds; "
               f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
-        cells = {(c, m): {"seconds": 0.0, "latencies": [], "errors": 0, "batches": 0, "items": 0, "rounds": []}
+        cells = {(c, m): {"seconds": 0.0, "cpu": 0.0, "latencies": [], "errors": 0, "batches": 0, "items": 0, "rounds": []}
                  for c in args.concurrency for m in (*modes, "model")}
         per_round = [args.requests // args.rounds + (r < args.requests % args.rounds) for r in range(args.rounds)]
         for concurrency in args.concurrency:
@@ -215,24 +237,28 @@ def main(argv=None) -> int:
                 for mode in order:
                     cell = cells[(concurrency, mode)]
                     if mode == "model":
-                        seconds, _ = model_only(model, pixels, args.max_batch, count)
-                        result = {"seconds": seconds, "latencies": [], "errors": 0, "batches": 0, "items": 0}
+                        seconds, cpu = model_only(model, pixels, args.max_batch, count)
+                        result = {"seconds": seconds, "cpu": cpu, "latencies": [], "errors": 0, "batches": 0,
+                                  "items": 0}
                     else:
-                        result = run_load(servers[mode][1], bodies, count, concurrency)
-                    for key in ("seconds", "errors", "batches", "items"):
+                        server, port = servers[mode]
+                        result = run_load(port, server.pid, bodies, count, concurrency)
+                    for key in ("seconds", "cpu", "errors", "batches", "items"):
                         cell[key] += result[key]
                     cell["latencies"] += result["latencies"]
                     cell["rounds"].append(count / result["seconds"])
             print(f"  concurrency {concurrency} done (load average {os.getloadavg()[0]:.1f})", flush=True)
         rss_after = {mode: rss_mb(server.pid) for mode, (server, _) in servers.items()}
+        main_seconds, main_cpu = model_only(model, pixels, args.max_batch, 2 * args.max_batch, on_worker_thread=False)
 
         rows = []
         print("\n| concurrency | batching | requests | errors | req/s (rounds) | p50 ms | p99 ms | mean batch | "
-              "vs model-only | on/off |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "vs model-only | on/off | CPU ms/img | on/off by CPU |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for concurrency in args.concurrency:
             model_rate = args.requests / cells[(concurrency, "model")]["seconds"]
             off_rate = args.requests / cells[(concurrency, "off")]["seconds"]
+            off_cpu = cells[(concurrency, "off")]["cpu"] / args.requests
             for mode in (*modes, "model"):
                 cell = cells[(concurrency, mode)]
                 rate = args.requests / cell["seconds"]
@@ -242,20 +268,23 @@ def main(argv=None) -> int:
                        "p50_ms": 1000 * percentile(cell["latencies"], 50),
                        "p99_ms": 1000 * percentile(cell["latencies"], 99),
                        "mean_batch": cell["items"] / cell["batches"] if cell["batches"] else None,
-                       "vs_model_only": rate / model_rate}
+                       "vs_model_only": rate / model_rate, "cpu_ms_per_image": 1000 * cell["cpu"] / args.requests}
                 rows.append(row)
                 if mode == "model":
                     print(f"| {concurrency} | model only (batch {args.max_batch}) | {args.requests} img | – | "
-                          f"{rate:.1f} ({spread}) | – | – | {args.max_batch} | 100% | – |")
+                          f"{rate:.1f} ({spread}) | – | – | {args.max_batch} | 100% | – | "
+                          f"{row['cpu_ms_per_image']:.0f} | – |")
                 else:
                     label = f"on (max {args.max_batch})" if mode == "on" else "off (max 1)"
                     print(f"| {concurrency} | {label} | {args.requests} | {row['errors']} | {rate:.1f} ({spread}) | "
                           f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['mean_batch']:.1f} | "
-                          f"{100 * row['vs_model_only']:.0f}% | "
-                          f"{rate / off_rate:.2f}x |")
+                          f"{100 * row['vs_model_only']:.0f}% | {rate / off_rate:.2f}x | "
+                          f"{row['cpu_ms_per_image']:.0f} | {off_cpu / (cell['cpu'] / args.requests):.2f}x |")
         print(f"\nserver RSS MB before -> after the load: on {rss_before['on']:.0f} -> {rss_after['on']:.0f}, "
               f"off {rss_before['off']:.0f} -> {rss_after['off']:.0f}; load average after: "
               f"{os.getloadavg()[0]:.1f}")
+        print(f"model only from the main thread (as `dinokit embed` runs it), {2 * args.max_batch} images: "
+              f"{2 * args.max_batch / main_seconds:.1f} img/s, {1000 * main_cpu / (2 * args.max_batch):.0f} CPU ms/img")
         print("median of the per-round rates: " + ", ".join(
             f"c{c} {m} {statistics.median(cells[(c, m)]['rounds']):.1f}" for c in args.concurrency
             for m in (*modes, "model")))

@@ -141,7 +141,8 @@ def test_search_by_id_ranks_that_image_first_and_returns_k_results(client, colle
     body = response.json()
     assert response.status_code == 200 and body["query"]["id"] == image_id
     assert [r["id"] for r in body["results"]][:1] == [image_id] and len(body["results"]) == 4
-    assert client.post("/api/search", json={"id": NUM_IMAGES + 1}).status_code == 422
+    for bad in (NUM_IMAGES + 1, -1, None, True, 1.5, "x"):
+        assert client.post("/api/search", json={"id": bad}).status_code == 422, bad
     assert "k must be between" in client.post("/api/search", json={"id": 0, "k": 0}).json()["error"]
 
 
@@ -361,6 +362,14 @@ def test_the_collection_uses_the_index_dinokit_index_built_and_refuses_one_of_ot
     build_index(tmp_path / "other", emb / "index")  # an index of other embeddings, left in this folder
     with pytest.raises(ValueError, match="does not match"):
         Collection(emb)
+
+
+def test_serve_command_errors_are_one_line(tmp_path, capsys):
+    from dinokit.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "Traceback" not in err
 
 
 def test_serve_listens_on_loopback_by_default():

@@ -78,12 +78,14 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _int_field(value, name: str, default: int, low: int, high: int) -> int:
+def _int_field(value, name: str, default: int | None, low: int, high: int) -> int:
     if value is None or value == "":
+        if default is None:
+            raise HTTPException(422, f"{name} is required")
         return default
     try:
         number = int(value)
-        if isinstance(value, float) and value != number:
+        if isinstance(value, bool) or (isinstance(value, float) and value != number):
             raise ValueError
     except (TypeError, ValueError):
         raise HTTPException(422, f"{name} must be an integer, got {value!r}") from None
@@ -174,7 +176,7 @@ def create_app(collection: Collection, *, max_batch: int = 32, max_wait_ms: floa
                 raise HTTPException(400, f"the JSON body is not valid JSON ({exc})") from None
             if not isinstance(body, dict) or "id" not in body:
                 raise HTTPException(422, 'send {"id": ID} with the id of an indexed image (and optionally "k")')
-            image_id = _int_field(body["id"], "id", 0, 0, len(collection) - 1)
+            image_id = _int_field(body["id"], "id", None, 0, len(collection) - 1)
             k = _int_field(body.get("k"), "k", 10, 1, MAX_K)
             vector, query = collection.vector(image_id), collection.describe(image_id)
         elif content_type.startswith("multipart/form-data"):

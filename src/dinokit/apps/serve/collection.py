@@ -27,6 +27,7 @@ from dinokit.apps.embed import (
     load,
     model_from_manifest,
     select_device,
+    weights_sha256,
 )
 from dinokit.apps.index import _faiss, load_index, normalized_float32, resolve_index_dir
 from dinokit.apps.serve.uploads import decode_upload
@@ -77,6 +78,10 @@ class Collection:
         self.model = load(model) if model is not None else model_from_manifest(self.manifest)
         self.device = select_device(device)
         self.model = self.model.to(self.device).eval()
+        recorded = (self.manifest.get("model") or {}).get("weights_sha256")
+        if model is not None and recorded and weights_sha256(self.model) != recorded:
+            log.warning("--model %s is not the model that embedded %s: queries and the collection's vectors come "
+                        "from different models, so scores compare unlike features", model, self.emb_dir)
         _check_image_size(self.model, self.image_size)
         dim = feature_shape(self.model, self.pooling, self.image_size)[-1]
         if dim != self.dim:
