@@ -469,8 +469,10 @@ def test_web_page_in_headless_chromium_finds_the_uploaded_image_first(served, co
 
         second = cards[1].get_attribute("data-id")  # click a result: search from it
         cards[1].click()
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#results .result").get_attribute("data-id") == second
-                   and d.find_element(By.ID, "query-caption").text == collection.paths[int(second)])
+        first_id = "const r = document.querySelector('#results .result'); return r && r.dataset.id;"  # atomic:
+        wait.until(lambda d: d.execute_script(first_id) == second  # no stale element while the grid is replaced
+                   and d.execute_script("return document.getElementById('query-caption').textContent;")
+                   == collection.paths[int(second)])
 
         driver.set_window_size(390, 844)  # a phone: the grid reflows, nothing scrolls sideways
         assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
