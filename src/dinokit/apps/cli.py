@@ -1,4 +1,4 @@
-"""`dinokit embed | index | search | dedup | pca`: thin commands over `dinokit.apps`."""
+"""`dinokit embed | index | search | dedup | pca | serve`: thin commands over `dinokit.apps`."""
 
 from __future__ import annotations
 
@@ -74,6 +74,17 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.set_defaults(func=_pca)
 
+    p = subparsers.add_parser("serve", help="image-search web page and JSON API over an embedding folder")
+    p.add_argument("emb_dir", metavar="EMBED_DIR", help="embedding folder written by `dinokit embed`")
+    p.add_argument("--model", "-m", default=None, help="override the model recorded in the folder's manifest")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the collection)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--max-batch", type=int, default=32, help="largest model batch; 1 turns dynamic batching off")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger request bodies get 413")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=_serve)
+
 
 def _threshold(text: str) -> float | None:
     if text.lower() == "none":
@@ -140,4 +151,12 @@ def _pca(args) -> int:
     picture = pca_picture(args.images, args.output, model=args.model, size=args.size, attention=args.attention,
                           threshold=args.threshold, device=args.device)
     print(f"wrote {picture.path} ({picture.image.width}x{picture.image.height}, {len(picture.boxes)} rows)")
+    return 0
+
+
+def _serve(args) -> int:
+    from dinokit.apps.serve import serve
+
+    serve(args.emb_dir, model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb, device=args.device)
     return 0

@@ -155,6 +155,17 @@ def _open(image) -> Image.Image:
 def pca_picture(images: list, output: str | Path, *, model="facebook/dinov2-small", size: int = 448,
                 attention: bool = False, threshold: float | None = 0.0, device: str = "auto") -> PcaPicture:
     """Write the PCA picture (or, with attention=True, the attention maps) of `images` to `output` (PNG)."""
+    picture = draw_pca_picture(images, model=model, size=size, attention=attention, threshold=threshold,
+                               device=device)
+    output = Path(output)
+    atomic_write(output, lambda tmp: picture.image.save(tmp, format="PNG"))
+    picture.path = str(output)
+    return picture
+
+
+def draw_pca_picture(images: list, *, model="facebook/dinov2-small", size: int = 448, attention: bool = False,
+                     threshold: float | None = 0.0, device: str = "auto") -> PcaPicture:
+    """The picture of `pca_picture` in memory (e.g. for `dinokit serve`), written nowhere."""
     import torch
 
     from dinokit.apps.embed import load, select_device
@@ -177,8 +188,4 @@ def pca_picture(images: list, output: str | Path, *, model="facebook/dinov2-smal
             features.append(tokens[-grid[0] * grid[1]:].float().cpu().numpy().reshape(*grid, -1))
             if attention:
                 maps.append(attention_maps(out.attentions[-1][0].float().cpu().numpy(), grid))
-    picture = render(inputs, None if attention else features, maps if attention else None, threshold)
-    output = Path(output)
-    atomic_write(output, lambda tmp: picture.image.save(tmp, format="PNG"))
-    picture.path = str(output)
-    return picture
+    return render(inputs, None if attention else features, maps if attention else None, threshold)

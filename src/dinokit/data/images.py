@@ -65,6 +65,10 @@ class ImageReadError(ValueError):
         super().__init__(f"Cannot read image file '{self.path}': {reason}." + (f" {fix}" if fix else ""))
 
 
+class ImageTooLargeError(ImageReadError):
+    """More pixels than the limit: refused as a possible decompression bomb, before decoding."""
+
+
 class ImageNotFoundError(ImageReadError, FileNotFoundError):
     """The image file does not exist (also a FileNotFoundError)."""
 
@@ -122,19 +126,23 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         return _decode(handle, path)
 
 
-def read_image_bytes(data: bytes, name: str) -> Image.Image:
-    """An encoded image held in memory (e.g. a member of a WebDataset tar shard) as RGB, under exactly the policy
-    of `read_image`; `name` (e.g. 'shard.tar#key.jpg') is what an `ImageReadError` names."""
+def read_image_bytes(data: bytes, name: str, *, draft_size: int | None = None) -> Image.Image:
+    """An encoded image held in memory (e.g. a member of a WebDataset tar shard, an upload) as RGB, under exactly
+    the policy of `read_image`; `name` (e.g. 'shard.tar#key.jpg') is what an `ImageReadError` names.
+
+    draft_size: let a JPEG decode at a reduced scale no smaller than this (thumbnails); None decodes it whole."""
     if not data:
         raise ImageReadError(name, "empty file (0 bytes)", "Re-copy the file or remove it from the input.")
-    return _decode(io.BytesIO(data), name)
+    return _decode(io.BytesIO(data), name, draft_size)
 
 
-def _decode(handle, path) -> Image.Image:
+def _decode(handle, path, draft_size: int | None = None) -> Image.Image:
     """Header check, full decode, EXIF orientation, 8 bits, transparency on white (the module notes)."""
     image = _open_checked(handle, path)
     with image:
         try:
+            if draft_size is not None and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
             image.load()  # decode everything now: truncation and corruption surface here
             upright = ImageOps.exif_transpose(image)
             return pil_to_rgb(to_eight_bits(upright))
@@ -155,7 +163,7 @@ def _open_checked(handle, path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is checked below, at 1x
             image = Image.open(handle)
     except Image.DecompressionBombError as exc:  # PIL's own refusal, above 2x the limit
-        raise ImageReadError(path, f"refused as a possible decompression bomb ({exc})", _bomb_fix()) from None
+        raise ImageTooLargeError(path, f"refused as a possible decompression bomb ({exc})", _bomb_fix()) from None
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image file (PIL cannot identify image file: unknown format, or a "
                                    "file of another kind with an image extension)",
@@ -166,7 +174,7 @@ def _open_checked(handle, path) -> Image.Image:
     width, height = image.size
     if limit is not None and width * height > limit:
         image.close()
-        raise ImageReadError(path, f"{width} x {height} = {width * height:,} pixels is over the limit of "
+        raise ImageTooLargeError(path, f"{width} x {height} = {width * height:,} pixels is over the limit of "
                                    f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS): refused as a possible decompression "
                                    f"bomb, without decoding it", _bomb_fix())
     return image

@@ -1,0 +1,487 @@
+"""`dinokit serve`: the HTTP API (FastAPI TestClient), upload safety, dynamic batching, and one run of the web page
+in a real headless Chromium against a real `dinokit serve` process."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from dinokit import Dinov2Config, Dinov2Model
+from dinokit.apps import store
+from dinokit.apps.dedup import dedup
+from dinokit.apps.embed import embed
+
+pytest.importorskip("fastapi", reason="dinokit serve needs the `serve` extra: pip install 'dinokit[serve]'")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from dinokit.apps.serve.app import create_app  # noqa: E402
+from dinokit.apps.serve.batching import DynamicBatcher  # noqa: E402
+from dinokit.apps.serve.collection import Collection  # noqa: E402
+from dinokit.apps.serve.uploads import ImageTooLarge, UnreadableImage, decode_upload  # noqa: E402
+
+SIZE = 28  # 2 x 2 patches
+NUM_IMAGES = 14
+
+
+def _picture(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A colourful picture of shapes over a gradient: distinct per seed, pleasant in the page's screenshot."""
+    base = rng.integers(40, 216, 3)
+    ramp = np.linspace(-40, 40, width)[None, :, None]
+    pixels = np.clip(base[None, None, :] + ramp + rng.normal(0, 8, (height, width, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = int(rng.integers(0, width - 10)), int(rng.integers(0, height - 10))
+        x1, y1 = x0 + int(rng.integers(8, width // 2)), y0 + int(rng.integers(8, height // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    return image
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny saved model and an embedded folder of generated images, one of them stored twice (a duplicate)."""
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=SIZE,
+                             patch_size=14)).save_pretrained(root / "model")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(NUM_IMAGES):
+        fmt, ext = [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")][i % 3]
+        _picture(rng, 48 + 5 * i, 80 - 2 * i).save(images / f"picture_{i:02d}.{ext}", fmt)
+    shutil.copy(images / "picture_01.png", images / "picture_01_copy.png")
+    embed(images, str(root / "model"), root / "emb", image_size=SIZE, batch_size=4, num_workers=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def collection(served):
+    return Collection(served / "emb")
+
+
+@pytest.fixture(scope="module")
+def client(collection):
+    with TestClient(create_app(collection, max_wait_ms=20)) as c:
+        yield c
+
+
+def _paths(collection) -> list[str]:
+    return collection.paths
+
+
+def _upload(path, name: str | None = None) -> dict:
+    return {"image": (name or Path(path).name, Path(path).read_bytes())}
+
+
+def _unique_images(collection) -> list[int]:
+    return [i for i, p in enumerate(collection.paths) if "picture_01" not in p]  # picture_01 has a twin
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small valid PNG whose header claims `width` x `height` pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+# ---------------------------------------------------------------------------------------------------- the API
+def test_health_reports_the_collection_size_model_and_dimension(client, served):
+    info = client.get("/api/health").json()
+    assert info["status"] == "ok" and info["images"] == NUM_IMAGES + 1 and info["dim"] == 32
+    assert info["model"] == str((served / "model").resolve()) and info["pooling"] == "cls"
+
+
+def test_search_by_upload_finds_the_query_image_itself_first(client, collection):
+    for image_id in _unique_images(collection)[:5]:
+        response = client.post("/api/search", files=_upload(collection.paths[image_id]), data={"k": "5"})
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert len(results) == 5 and results[0]["id"] == image_id
+        assert results[0]["path"] == collection.paths[image_id] and results[0]["score"] > 0.9999
+        assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+        assert results[0]["thumbnail"] == f"/api/thumbnail/{image_id}"
+
+
+def test_embed_returns_the_vector_dinokit_embed_stored_for_the_same_file(client, served, collection):
+    stored = store.load_embeddings(served / "emb")
+    for image_id in (0, 4, 8):
+        body = client.post("/api/embed", files=_upload(collection.paths[image_id])).json()
+        assert body["dim"] == 32 and body["model"] == collection.model_spec
+        np.testing.assert_allclose(body["embedding"], stored[image_id], rtol=1e-4, atol=1e-5)
+    mean = client.post("/api/embed", files=_upload(collection.paths[0]), data={"pooling": "cls+mean"}).json()
+    assert mean["dim"] == 64 and mean["pooling"] == "cls+mean"
+
+
+def test_search_by_id_ranks_that_image_first_and_returns_k_results(client, collection):
+    image_id = _unique_images(collection)[3]
+    response = client.post("/api/search", json={"id": image_id, "k": 4})
+    body = response.json()
+    assert response.status_code == 200 and body["query"]["id"] == image_id
+    assert [r["id"] for r in body["results"]][:1] == [image_id] and len(body["results"]) == 4
+    for bad in (NUM_IMAGES + 1, -1, None, True, 1.5, "x"):
+        assert client.post("/api/search", json={"id": bad}).status_code == 422, bad
+    assert "k must be between" in client.post("/api/search", json={"id": 0, "k": 0}).json()["error"]
+
+
+def test_thumbnail_is_a_small_jpeg_made_once_then_cached(client, collection, monkeypatch):
+    image_id = 2
+    response = client.get(f"/api/thumbnail/{image_id}")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(response.content)) as thumb:
+        assert thumb.format == "JPEG" and max(thumb.size) <= 256
+    monkeypatch.setattr(collection, "read_file", lambda i: pytest.fail("the cached thumbnail was decoded again"))
+    assert client.get(f"/api/thumbnail/{image_id}").content == response.content
+
+
+def test_image_by_id_is_the_original_file(client, collection):
+    response = client.get("/api/image/5")
+    assert response.status_code == 200 and response.content == Path(collection.paths[5]).read_bytes()
+    assert client.get(f"/api/image/{NUM_IMAGES + 1}").status_code == 404
+
+
+def test_duplicates_are_the_groups_dinokit_dedup_finds(client, served, tmp_path):
+    for threshold in (0.99999, 0.99):
+        body = client.get("/api/duplicates", params={"threshold": threshold}).json()
+        expected = dedup(served / "emb", threshold=threshold, output=tmp_path / "dups.csv").groups
+        found = [{"keep": g["keep"]["path"], "remove": [d["path"] for d in g["duplicates"]]} for g in body["groups"]]
+        assert found == [{"keep": g["keep"], "remove": g["remove"]} for g in expected]
+        assert body["num_groups"] == len(expected)
+    exact = client.get("/api/duplicates", params={"threshold": 0.99999}).json()["groups"]
+    assert [sorted(Path(p).name for p in (g["keep"]["path"], *(d["path"] for d in g["duplicates"])))
+            for g in exact] == [["picture_01.png", "picture_01_copy.png"]]
+    assert client.get("/api/duplicates", params={"threshold": 2}).status_code == 422
+
+
+def test_pca_picture_of_an_upload_and_of_an_indexed_image_is_a_png(client, collection):
+    for response in (client.post("/api/pca", files=_upload(collection.paths[3])), client.get("/api/pca/3")):
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        with Image.open(io.BytesIO(response.content)) as picture:
+            assert picture.width > picture.height  # the image beside its PCA panel
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def _truncated(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("name, make, status, words", [
+    ("text.jpg", lambda paths: b"this is not an image\n", 400, "not an image"),
+    ("empty.png", lambda paths: b"", 400, "empty"),
+    ("truncated.jpg", lambda paths: _truncated(Path(paths[0])), 400, "truncated"),
+    ("truncated.png", lambda paths: _truncated(Path(paths[1])), 400, "truncated"),
+    ("bomb.png", lambda paths: _png_claiming(30000, 30000), 422, "decompression bomb"),
+    ("warning_zone.png", lambda paths: _png_claiming(10000, 10000), 422, "decompression bomb"),
+])
+def test_bad_uploads_get_a_json_error_naming_the_problem(client, collection, name, make, status, words):
+    assert 89_478_485 < 10000 * 10000 < 2 * 89_478_485  # the zone where PIL only warns
+    for route in ("/api/search", "/api/embed", "/api/pca"):
+        response = client.post(route, files={"image": (name, make(collection.paths))})
+        assert response.status_code == status, (route, response.text)
+        assert words in response.json()["error"] and "Traceback" not in response.text
+    assert client.get("/api/health").status_code == 200
+
+
+def test_requests_without_an_image_or_of_the_wrong_kind_are_refused_clearly(client):
+    assert "image" in client.post("/api/embed", data={"pooling": "cls"}).json()["error"]
+    assert "field `image`" in client.post("/api/search", files={"other": ("a.png", b"x")}).json()["error"]
+    assert client.post("/api/search", content=b"raw", headers={"content-type": "image/png"}).status_code == 415
+    bad_json = client.post("/api/search", content=b"{", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]
+    assert "pooling must be one of" in client.post("/api/embed", files={"image": ("a", b"x")},
+                                                   data={"pooling": "patch"}).json()["error"]
+
+
+def test_uploads_over_the_limit_get_413_whether_sized_or_streamed(collection):
+    small = create_app(collection, max_upload_mb=0.01)  # 10 KB
+    big = b"\0" * 20_000
+    with TestClient(small) as c:
+        sized = c.post("/api/search", files={"image": ("big.png", big)})
+        assert sized.status_code == 413 and "upload limit" in sized.json()["error"]
+
+        def chunks():  # no Content-Length: the limit is enforced while the body streams in
+            for start in range(0, len(big), 1000):
+                yield big[start:start + 1000]
+
+        streamed = c.post("/api/search", content=chunks(),
+                          headers={"content-type": "multipart/form-data; boundary=x"})
+        assert streamed.status_code == 413 and "upload limit" in streamed.json()["error"]
+        assert c.post("/api/search", json={"id": 0}).status_code == 200
+
+
+@pytest.mark.parametrize("url", [
+    "/api/image/..%2F..%2F..%2Fetc%2Fpasswd", "/api/image/%2Fetc%2Fpasswd", "/api/thumbnail/../../etc/passwd",
+    "/api/image/-1", "/api/image/1.5", "/api/image/99999999999999999999", "/api/pca/..%2Fmodel",
+    "/static/..%2Fapp.py", "/static/../collection.py", "/static/%2Fetc%2Fpasswd", "/../../etc/passwd",
+    "/api/image/0%00.png",
+])
+def test_path_traversal_attempts_reach_nothing(client, url):
+    response = client.get(url)
+    assert response.status_code in (404, 422), (url, response.status_code)
+    assert "root:" not in response.text and "import" not in response.text
+    assert "error" in response.json()
+
+
+def test_internal_errors_are_logged_and_answered_without_a_traceback(collection, monkeypatch, caplog):
+    def broken(vector, k):
+        raise RuntimeError("secret internal detail")
+
+    with TestClient(create_app(collection), raise_server_exceptions=False) as c:
+        monkeypatch.setattr(collection, "search", broken)
+        with caplog.at_level(logging.ERROR, logger="dinokit.serve"):
+            response = c.post("/api/search", json={"id": 0})
+        assert response.status_code == 500 and "server log" in response.json()["error"]
+        assert "secret" not in response.text and "Traceback" not in response.text
+        assert "secret internal detail" in caplog.text
+        monkeypatch.undo()
+        assert c.post("/api/search", json={"id": 0}).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+def test_32_parallel_searches_each_get_their_own_answer(collection):
+    ids = [_unique_images(collection)[i % 10] for i in range(32)]
+    with TestClient(create_app(collection, max_batch=8, max_wait_ms=200)) as c:
+        def search(image_id: int):
+            files = _upload(collection.paths[image_id], name=f"query_{image_id}.png")
+            return c.post("/api/search", files=files, data={"k": "3"}).json()
+
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(search, ids))
+        sizes = c.app.state.batcher.batch_sizes
+    assert [a["results"][0]["id"] for a in answers] == ids
+    assert [a["query"]["upload"] for a in answers] == [f"query_{i}.png" for i in ids]
+    assert all(a["results"][0]["score"] > 0.9999 for a in answers)
+    assert sum(sizes) == 32 and max(sizes) > 1 and max(sizes) <= 8  # requests really shared model batches
+
+
+def test_batcher_fills_batches_up_to_the_limit_and_a_failed_batch_fails_only_its_requests():
+    calls = []
+
+    def double(items):
+        calls.append(list(items))
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [2 * x for x in items]
+
+    async def scenario():
+        batcher = DynamicBatcher(double, max_batch=4, max_wait_ms=50)
+        await batcher.start()
+        try:
+            results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+            failed = await asyncio.gather(batcher.submit("bad"), return_exceptions=True)
+            after = await batcher.submit(21)
+        finally:
+            await batcher.stop()
+        return results, failed, after
+
+    results, failed, after = asyncio.run(scenario())
+    assert results == [2 * i for i in range(10)] and after == 42
+    assert isinstance(failed[0], ValueError)
+    assert [len(c) for c in calls[:3]] == [4, 4, 2]
+
+
+def test_batching_off_runs_one_image_per_model_call():
+    calls = []
+
+    async def scenario():
+        batcher = DynamicBatcher(lambda items: calls.append(len(items)) or list(items), max_batch=1)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == list(range(6)) and calls == [1] * 6
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+def _encoded(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kw)
+    return buffer.getvalue()
+
+
+def test_decode_upload_composites_transparency_on_white_and_scales_16_bit():
+    clear = decode_upload(_encoded(Image.new("RGBA", (4, 4), (255, 0, 0, 0))))
+    assert clear.mode == "RGB" and clear.getpixel((0, 0)) == (255, 255, 255)
+    sixteen = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
+    assert sixteen.mode.startswith("I;16")
+    assert [decode_upload(_encoded(sixteen)).getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128,) * 3,
+                                                                                     (255,) * 3]
+
+
+def test_decode_upload_applies_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = _encoded(Image.new("RGB", (40, 20), "blue"), "JPEG", exif=exif.tobytes())
+    assert decode_upload(data).size == (20, 40)
+
+
+def test_decode_upload_refuses_bombs_before_decoding_and_damaged_data():
+    with pytest.raises(ImageTooLarge, match="decompression bomb"):
+        decode_upload(_png_claiming(10000, 10000))
+    with pytest.raises(UnreadableImage, match="empty"):
+        decode_upload(b"")
+
+
+# ---------------------------------------------------------------------------------------------------- serving
+def test_the_collection_uses_the_index_dinokit_index_built_and_refuses_one_of_other_embeddings(served, tmp_path):
+    from dinokit.apps.index import build_index
+
+    emb = tmp_path / "emb"
+    shutil.copytree(served / "emb", emb)
+    assert Collection(emb).index_kind.startswith("flat (exact")
+    build_index(emb, kind="hnsw")
+    assert Collection(emb).index_kind == "hnsw"
+
+    others = sorted((served / "images").iterdir())[:5]
+    embed(others, str(served / "model"), tmp_path / "other", image_size=SIZE, num_workers=0, progress=False)
+    build_index(tmp_path / "other", emb / "index")  # an index of other embeddings, left in this folder
+    with pytest.raises(ValueError, match="does not match"):
+        Collection(emb)
+
+
+def test_serve_command_errors_are_one_line(tmp_path, capsys):
+    from dinokit.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "Traceback" not in err
+
+
+def test_serve_listens_on_loopback_by_default():
+    from dinokit.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "some/folder"])
+    assert (args.host, args.port, args.max_batch, args.max_upload_mb) == ("127.0.0.1", 8000, 32, 20.0)
+
+
+def test_page_and_its_assets_come_from_the_package_without_external_urls(client):
+    page = client.get("/")
+    assert page.status_code == 200 and 'src="/static/app.js"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        asset = client.get(f"/static/{name}")
+        assert asset.status_code == 200
+        for text in (page.text, asset.text):
+            assert "http://" not in text and "https://" not in text  # no CDN
+    assert client.get("/docs").status_code == 200
+    assert set(client.get("/openapi.json").json()["paths"]) >= {"/api/health", "/api/embed", "/api/search",
+                                                                "/api/thumbnail/{image_id}",
+                                                                "/api/image/{image_id}", "/api/duplicates"}
+
+
+# ---------------------------------------------------------------------------------------------------- browser
+def _chromium() -> tuple[str, str]:
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                   None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip("Chromium and chromedriver are not installed (Debian: apt-get install -y chromium "
+                    "chromium-driver; .ci/run does this)")
+    return browser, driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_health(url: str, server: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"dinokit serve exited with {server.returncode}: {server.stderr.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/api/health", timeout=2) as response:
+                if json.load(response)["status"] == "ok":
+                    return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail("dinokit serve did not answer /api/health within a minute")
+
+
+@pytest.mark.slow
+def test_web_page_in_headless_chromium_finds_the_uploaded_image_first(served, collection):
+    """Upload through the page's file input, see the image itself first, click a result to search from it.
+
+    Set DINOKIT_SCREENSHOT=path.png to keep a screenshot of the page (docs/serve.png is one).
+    """
+    browser, driver_path = _chromium()
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "dinokit", "serve", str(served / "emb"), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1280,860", "--hide-scrollbars"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        _wait_for_health(url, server)
+        driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+        wait = WebDriverWait(driver, 30)
+        driver.get(url)
+        wait.until(lambda d: "images" in d.find_element(By.ID, "collection").text)
+
+        query_id = _unique_images(collection)[4]
+        driver.find_element(By.ID, "file").send_keys(collection.paths[query_id])
+        wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#results .result")))
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
+        assert cards[0].get_attribute("data-path") == collection.paths[query_id]
+        assert cards[0].find_element(By.CLASS_NAME, "score").text == "1.0000"
+        wait.until(lambda d: d.execute_script(
+            "const i = document.getElementById('query-pca'); return i.complete && i.naturalWidth > 0;"))
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0);"))
+        if os.environ.get("DINOKIT_SCREENSHOT"):
+            driver.save_screenshot(os.environ["DINOKIT_SCREENSHOT"])
+
+        second = cards[1].get_attribute("data-id")  # click a result: search from it
+        cards[1].click()
+        first_id = "const r = document.querySelector('#results .result'); return r && r.dataset.id;"  # atomic:
+        wait.until(lambda d: d.execute_script(first_id) == second  # no stale element while the grid is replaced
+                   and d.execute_script("return document.getElementById('query-caption').textContent;")
+                   == collection.paths[int(second)])
+
+        driver.set_window_size(390, 844)  # a phone: the grid reflows, nothing scrolls sideways
+        assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        server.stderr.close()
