@@ -30,7 +30,7 @@ def test_loss_is_cross_entropy_on_bilinear_upsampled_logits_ignoring_255():
     keep = labels != 255
     expected = F.cross_entropy(up.permute(0, 2, 3, 1)[keep], labels[keep])
     assert out.logits.shape == (2, 3, 2, 3)
-    assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_return_dict_false_gives_loss_logits_tuple():
