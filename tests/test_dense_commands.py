@@ -56,8 +56,8 @@ def test_depth_train_then_predict_writes_metrics_colour_and_16_bit_depth(backbon
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"abs_rel", "rmse", "log10", "a1", "a2", "a3"} <= set(metrics) and metrics["images"] == 4
     pred = tmp_path / "pred"
-    assert main(["depth", "predict", str(val / "images" / "img0.png"), "--model", str(out), "-o", str(pred),
-                 "--quiet"]) == 0
+    # the spelling, `dinokit depth IMAGE... -o DIR`, is `dinokit depth predict IMAGE... -o DIR`
+    assert main(["depth", str(val / "images" / "img0.png"), "--model", str(out), "-o", str(pred), "--quiet"]) == 0
     sixteen = Image.open(pred / "img0_depth16.png")
     assert sixteen.mode.startswith("I") and sixteen.size == (44, 30)
     values = np.asarray(sixteen)

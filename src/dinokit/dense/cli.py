@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+
+
+class _AnyName(dict):
+    """A subcommand table that, once `open` is set (after its subcommands are added), accepts every first word;
+    the action below routes the unknown ones to `predict`."""
+
+    open = False
+
+    def __contains__(self, key) -> bool:
+        return self.open or dict.__contains__(self, key)
+
+
+class _PredictByDefault(argparse._SubParsersAction):
+    """`dinokit depth IMAGE... -o DIR` is `dinokit depth predict IMAGE... -o DIR`: a first word that is not a
+    subcommand is an input of `predict`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._name_parser_map = self.choices = _AnyName()
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values and not dict.__contains__(self._name_parser_map, values[0]):
+            values = ["predict", *values]
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _common_train(parser, targets: str) -> None:
@@ -42,8 +67,9 @@ def register(subparsers) -> None:
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_segment_predict)
 
-    depth = subparsers.add_parser("depth", help="monocular depth heads on frozen DINOv2 features")
-    actions = depth.add_subparsers(dest="action", required=True)
+    depth = subparsers.add_parser("depth", help="monocular depth heads on frozen DINOv2 features "
+                                               "(`dinokit depth IMAGE... -o DIR` = `dinokit depth predict ...`)")
+    actions = depth.add_subparsers(dest="action", required=True, action=_PredictByDefault)
     train = actions.add_parser("train", help="train Meta's linear depth head (256 bins) with Meta's SigLoss")
     _common_train(train, "depth")
     train.add_argument("--depth-scale", type=float, default=1000.0,
@@ -61,6 +87,7 @@ def register(subparsers) -> None:
     predict.add_argument("--size", type=int, help="short side (default: the model folder's preprocessing, or 518)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_depth_predict)
+    actions.choices.open = True
 
 
 def _cache(args):
