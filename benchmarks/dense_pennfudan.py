@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--pretrained", help="backbone written by `dinokit train` (its teacher/ folder)")
     parser.add_argument("--rows", default="random,pretrained,pixels", help="which rows to run")
     parser.add_argument("--size", type=int, default=518)
-    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--iterations", type=int, default=500, help="head steps of 8 images (500 = 33 epochs of 120)")
     parser.add_argument("--work", default="/tmp/dense_pennfudan")
     parser.add_argument("--cache-dir", default="default")
     parser.add_argument("--results", default="dense_pennfudan.json")

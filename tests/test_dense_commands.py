@@ -142,3 +142,13 @@ def test_output_folder_holding_other_files_is_refused(backbone, tmp_path, capsys
     assert _train(backbone, tmp_path, train, val, out) == 2
     assert "holds other files" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_random_init_preset_is_the_same_model_on_every_run_so_its_features_are_cached(tmp_path):
+    train, val = seg_dataset(tmp_path / "train", n=2), seg_dataset(tmp_path / "val", n=2, seed=1)
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        assert _train("vits14", tmp_path, train, val, out) == 0
+    first, second = (json.loads((tmp_path / f"out{i}" / "metrics.json").read_text()) for i in range(2))
+    assert second["features_from_cache"] is True
+    assert second["miou"] == first["miou"]

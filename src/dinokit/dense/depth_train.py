@@ -110,6 +110,7 @@ def train_depth(model, train, val, output, *, depth_scale: float = 1000.0, min_d
     started = time.perf_counter()
     train_samples, train_depths = load_depth_split(train, depth_scale)
     val_samples, val_depths = load_depth_split(val, depth_scale)
+    torch.manual_seed(config.seed)  # a preset (random weights) is then the same model, and its features cached
     backbone = dinokit.load_model(model)
     depther = Dinov2ForDepthEstimation(DepthConfig.linear(backbone.config, layers, min_depth, max_depth))
     depther.backbone.load_meta_state_dict(backbone.vit.state_dict(), None)

@@ -153,6 +153,7 @@ def train_segmentation(model, train, val, output, *, num_classes: int | None = N
     val_split = load_split(val, num_classes, ignore_index, binarize)
     if num_classes is None:
         num_classes = infer_num_classes([train_split, val_split], ignore_index)
+    torch.manual_seed(config.seed)  # a preset (random weights) is then the same model, and its features cached
     backbone = dinokit.load_model(model)
     names = ["background", "foreground"] if binarize and num_classes == 2 else None
     seg_config = backbone.config.copy(segmentation_head=head, num_labels=num_classes,
