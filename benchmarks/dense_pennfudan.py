@@ -122,9 +122,11 @@ def throughput(output_dir: str, batch: int, rounds: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def pictures(output_dir: str, val: Path, target: Path, count: int, width: int = 320) -> list[str]:
+def pictures(output_dir: str, val: Path, target: Path, count: int, width: int = 240) -> list[str]:
+    """Side by side: the ground-truth person mask | the prediction, overlaid in red on a val image."""
     from PIL import Image
 
+    from dinokit.dense.data import read_mask
     from dinokit.dense.palette import overlay
 
     segmenter, processor = load_segmenter(output_dir)
@@ -132,10 +134,14 @@ def pictures(output_dir: str, val: Path, target: Path, count: int, width: int = 
     written = []
     for image_path in sorted((val / "images").iterdir())[:count]:
         mask, image = segment_image(segmenter, processor, image_path)
-        picture = overlay(image, mask)
-        picture = picture.resize((width, round(picture.height * width / picture.width)), Image.Resampling.BILINEAR)
+        truth = read_mask(val / "masks" / f"{image_path.stem}.png", binarize=True)
+        panels = [overlay(image, truth), overlay(image, mask)]
+        height = round(image.height * width / image.width)
+        sheet = Image.new("RGB", (2 * width + 4, height), "white")
+        for i, panel in enumerate(panels):
+            sheet.paste(panel.resize((width, height), Image.Resampling.BILINEAR), (i * (width + 4), 0))
         path = target / f"pennfudan_{image_path.stem}.png"
-        picture.save(path, optimize=True)
+        sheet.quantize(colors=128).save(path, optimize=True)  # small files for the README
         written.append(str(path))
     return written
 
