@@ -152,3 +152,27 @@ def test_a_random_init_preset_is_the_same_model_on_every_run_so_its_features_are
     first, second = (json.loads((tmp_path / f"out{i}" / "metrics.json").read_text()) for i in range(2))
     assert second["features_from_cache"] is True
     assert second["miou"] == first["miou"]
+
+
+def test_depth_map_of_another_size_than_its_image_is_named(backbone, tmp_path, capsys):
+    train, val = depth_dataset(tmp_path / "train"), depth_dataset(tmp_path / "val", seed=1)
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint16)).save(train / "depth" / "img2.png")
+    out = tmp_path / "out"
+    assert main(["depth", "train", "--model", str(backbone), "--train", str(train), "--val", str(val),
+                 "--output", str(out), "--cache-dir", str(tmp_path / "cache"), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "img2.png is 5x5 but its image" in err[0]
+    assert not out.exists()
+
+
+def test_depth_predict_runs_a_transformers_dpt_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from test_dense_transformers_parity import _dpt_config
+
+    model_dir = tmp_path / "dpt"
+    transformers.DPTForDepthEstimation(_dpt_config()).save_pretrained(model_dir)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 44, 3), dtype=np.uint8)).save(image)
+    assert main(["depth", str(image), "--model", str(model_dir), "-o", str(tmp_path / "pred"), "--size", "28",
+                 "--quiet"]) == 0
+    assert Image.open(tmp_path / "pred" / "photo_depth16.png").size == (44, 30)
