@@ -13,7 +13,9 @@ Throughput: images/s of backbone + head forward at 518 x 518 (batch --batch), di
 `Dinov2ForSemanticSegmentation` against transformers' `Dinov2Model` (same weights) + the same head, timed in
 alternation after a warm-up; the ViT-S/14 architecture of the `random` row.
 
-    python benchmarks/dense_pennfudan.py --pretrained /work/runs/dense_pretrain/run/teacher \
+    OMP_NUM_THREADS=1 dinokit train --config benchmarks/dense_imagenette_tiny14.yaml \
+        --data ../shared/datasets/imagenette/train --output /work/runs/dense_pretrain/run     # 55 CPU minutes
+    OMP_NUM_THREADS=1 python benchmarks/dense_pennfudan.py --pretrained /work/runs/dense_pretrain/run/teacher \
         --results /work/notes/dense_pennfudan.json --pictures docs/dense
 """
 
