@@ -18,6 +18,8 @@ _EXPORTS = {
     "Dinov2WithRegistersForImageClassification": "dinokit.hf",
     "Dinov2Backbone": "dinokit.hf",
     "Dinov2WithRegistersBackbone": "dinokit.hf",
+    "Dinov2ForSemanticSegmentation": "dinokit.dense.segmentation",
+    "Dinov2ForDepthEstimation": "dinokit.dense.depth",
     "AutoConfig": "dinokit.auto",
     "AutoModel": "dinokit.auto",
     "AutoModelForImageClassification": "dinokit.auto",

@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "dinokit.ssl.trainer",
     "dinokit.eval.cli",
     "dinokit.export.cli",
+    "dinokit.dense.cli",
 ]
 
 # The hint for commands whose output folder keeps finished work (embed shards, cached features).

@@ -426,6 +426,13 @@ class Dinov2ImageProcessor:
 
     preprocess = __call__
 
+    def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> list[torch.Tensor]:
+        """Segmentation logits -> one (H, W) class map per image, as transformers' processors do (see
+        `dinokit.dense.postprocess`)."""
+        from dinokit.dense.postprocess import post_process_semantic_segmentation
+
+        return post_process_semantic_segmentation(outputs, target_sizes)
+
     # -- the torchvision tensor path ------------------------------------------------------------------------------
 
     def _torchvision_batch(self, images: Any, o: dict[str, Any], device: Any) -> torch.Tensor | list[torch.Tensor]:

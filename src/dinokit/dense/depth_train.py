@@ -1,0 +1,190 @@
+"""`dinokit depth train|predict`: Meta's linear depth head (256 "UD" bins, "linear" normalisation, 1 or 4
+blocks with CLS) trained on frozen, cached features with Meta's SigLoss; metrics of the depth toolbox.
+
+Training (dinokit's defaults; Meta's depth configs are not in its repository): AdamW lr 1e-3, wd 1e-4, 4%
+warm-up then poly decay, `iterations` steps of `batch_size` images; the predicted map (4x the patch grid) is
+upsampled to the padded image, cropped and resized to the depth map's resolution before the loss, as Meta's
+head resizes its prediction to the ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dinokit import atomic, locking
+from dinokit.dense import data
+from dinokit.dense.depth import DepthConfig, Dinov2ForDepthEstimation
+from dinokit.dense.features import (
+    DenseFeatures,
+    DepthFeatures,
+    dense_processor,
+    extract,
+    preprocess,
+    to_image,
+)
+from dinokit.dense.linear_depth import LinearDepthHead
+from dinokit.dense.losses import sigloss
+from dinokit.dense.metrics import depth_errors, mean_depth_errors
+from dinokit.dense.output import MARKER, staged_output
+from dinokit.dense.padding import center_pad
+from dinokit.dense.palette import colorize_depth
+from dinokit.dense.segment import _poly_lr, finite_or_none
+
+ARCHITECTURE = "Dinov2ForDepthEstimation"
+
+
+@dataclass
+class DepthTrainConfig:
+    iterations: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.04
+    seed: int = 0
+
+
+def load_depth_split(root, depth_scale: float):
+    samples = data.list_pairs(root, "depth")
+    depths = []
+    for sample in samples:
+        depth = data.read_depth(sample.target, depth_scale)
+        data.check_depth(depth, sample.target, sample.image)
+        depths.append(depth)
+    return samples, depths
+
+
+def _predict(head: LinearDepthHead, features: DenseFeatures, i: int, patch: int, out_size) -> torch.Tensor:
+    grid = features.grid(i)
+    maps = features.tokens(i).T.reshape(1, -1, *grid)
+    maps = F.interpolate(maps, size=(grid[0] * head.upsample, grid[1] * head.upsample), mode="bilinear",
+                         align_corners=False)
+    depth = head.depth_from_features(maps)[0]
+    return to_image(depth, features.resized(i), patch, out_size, grid=grid)[0]
+
+
+def fit_depth_head(head, features, depths, patch, config: DepthTrainConfig, progress=False) -> list[float]:
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_fraction * config.iterations)
+    targets = [torch.from_numpy(d) for d in depths]
+    losses, steps = [], range(config.iterations)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="head", unit="step")
+    head.train()
+    for step in steps:
+        for group in optimizer.param_groups:
+            group["lr"] = _poly_lr(step, config.iterations, config.lr, warmup)
+        batch = torch.randint(len(features), (min(config.batch_size, len(features)),), generator=generator).tolist()
+        loss = sum(sigloss(_predict(head, features, i, patch, targets[i].shape), targets[i], head.max_depth)
+                   for i in batch) / len(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    head.eval()
+    return losses
+
+
+@torch.no_grad()
+def evaluate_depth_head(head, features, depths, patch) -> dict:
+    per_image = [depth_errors(_predict(head, features, i, patch, d.shape), d, head.min_depth, head.max_depth)
+                 for i, d in enumerate(depths)]
+    return mean_depth_errors(per_image)
+
+
+def train_depth(model, train, val, output, *, depth_scale: float = 1000.0, min_depth: float = 0.001,
+                max_depth: float = 10.0, layers: int = 4, size: int = 518,
+                config: DepthTrainConfig = DepthTrainConfig(), cache_dir="default", progress: bool = True) -> dict:
+    import dinokit
+
+    started = time.perf_counter()
+    train_samples, train_depths = load_depth_split(train, depth_scale)
+    val_samples, val_depths = load_depth_split(val, depth_scale)
+    torch.manual_seed(config.seed)  # a preset (random weights) is then the same model, and its features cached
+    backbone = dinokit.load_model(model)
+    depther = Dinov2ForDepthEstimation(DepthConfig.linear(backbone.config, layers, min_depth, max_depth))
+    depther.backbone.load_meta_state_dict(backbone.vit.state_dict(), None)
+    depther.eval()
+    with staged_output(Path(output), "dinokit depth train", ARCHITECTURE) as staging:
+        processor = dense_processor(size)
+        extractor = DepthFeatures(depther)
+        train_features = extract(extractor, [s.image for s in train_samples], [s.stem for s in train_samples],
+                                 processor, cache_dir=cache_dir, progress=progress)
+        val_features = extract(extractor, [s.image for s in val_samples], [s.stem for s in val_samples],
+                               processor, cache_dir=cache_dir, progress=progress)
+        torch.manual_seed(config.seed)
+        bc = depther.config.backbone_config
+        depther.head = LinearDepthHead(bc.hidden_size, layers, min_depth, max_depth)
+        losses = fit_depth_head(depther.head, train_features, train_depths, extractor.patch_size, config, progress)
+        metrics = evaluate_depth_head(depther.head, val_features, val_depths, extractor.patch_size)
+        metrics.update(train_images=len(train_samples), val_images=len(val_samples), layers=layers, size=size,
+                       depth_range=[min_depth, max_depth], seconds=round(time.perf_counter() - started, 2))
+        depther.config.data["architectures"] = [ARCHITECTURE]
+        depther.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        atomic.write_text(staging / "training_log.json",
+                          json.dumps({"config": config.__dict__, "losses_every_50": losses[::50]}, indent=2))
+        atomic.write_text(staging / MARKER, json.dumps(finite_or_none(metrics), indent=2))
+    return metrics
+
+
+def load_depther(path, size: int | None = None):
+    from dinokit.processing import Dinov2ImageProcessor
+
+    path = Path(path).expanduser()
+    depther = Dinov2ForDepthEstimation.from_pretrained(path)
+    if size is None and (path / "preprocessor_config.json").is_file():
+        try:
+            return depther, Dinov2ImageProcessor.from_pretrained(path)
+        except ValueError:  # transformers' DPT processor config: use dinokit's dense preprocessing
+            pass
+    return depther, dense_processor(size or 518)
+
+
+@torch.no_grad()
+def depth_image(depther, processor, image_path: Path) -> np.ndarray:
+    """Depth (H, W) in metres at the image's resolution (Meta's clamp to the head's range)."""
+    from dinokit.processing import load_image
+
+    image = load_image(image_path)
+    pixels = preprocess(image_path, processor)
+    patch = depther.config.backbone_config.patch_size
+    padded = center_pad(pixels, patch)
+    depth = depther(padded).predicted_depth
+    grid = (padded.shape[-2] // patch, padded.shape[-1] // patch)
+    depth = to_image(depth, tuple(pixels.shape[-2:]), patch, (image.height, image.width), grid=grid)[0]
+    low, high = depther.depth_range
+    return depth.clamp(min=low, max=high).numpy()
+
+
+def predict_depth(inputs, model, output, depth_scale: float = 1000.0, size: int | None = None,
+                  progress: bool = True) -> list[Path]:
+    """PRED/<stem>_depth.png (colour map) and PRED/<stem>_depth16.png (uint16, depth x depth_scale)."""
+    images = [p for item in ([inputs] if isinstance(inputs, (str, Path)) else inputs) for p in data.list_images(item)]
+    depther, processor = load_depther(model, size)
+    output = Path(output).expanduser()
+    written = []
+    with locking.acquire(output, "dinokit depth predict"):
+        iterator = images
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(images, desc="depth", unit="image")
+        for path in iterator:
+            depth = depth_image(depther, processor, path)
+            sixteen = Image.fromarray(np.clip(np.round(depth * depth_scale), 0, 65535).astype(np.uint16))
+            for name, picture in ((f"{path.stem}_depth.png", colorize_depth(depth)),
+                                  (f"{path.stem}_depth16.png", sixteen)):
+                atomic.atomic_write(output / name, lambda tmp, p=picture: p.save(tmp, format="PNG"))
+                written.append(output / name)
+    return written
