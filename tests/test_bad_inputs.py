@@ -29,7 +29,8 @@ from ssl_helpers import TINY
 
 from helpers import randomize_
 
-COMMANDS = ["embed", "eval knn", "eval linear", "eval logreg", "pca", "search", "classify", "finetune", "train"]
+COMMANDS = ["embed", "eval knn", "eval linear", "eval logreg", "pca", "search", "classify", "finetune", "train",
+            "segment predict", "depth predict"]
 CROP = ["--resize", "32", "--crop", "28"]
 TINY_CONFIG = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
 WHITE = (1 - 0.406) / 0.225  # the largest normalised value: the blue channel of a white pixel
@@ -50,7 +51,24 @@ def models(tmp_path_factory):
     assert main(["embed", str(good), "--model", str(root / "backbone"), "-o", str(embedded), "--image-size", "28",
                  "--num-workers", "0", "--quiet", "--device", "cpu"]) == 0
     assert main(["index", str(embedded)]) == 0
-    return {"backbone": str(root / "backbone"), "classifier": str(root / "classifier"), "index": str(embedded)}
+    dense = _dense_heads(root, root / "backbone")
+    return {"backbone": str(root / "backbone"), "classifier": str(root / "classifier"), "index": str(embedded),
+            **dense}
+
+
+def _dense_heads(root: Path, backbone: Path) -> dict[str, str]:
+    """A tiny segmentation and a tiny depth head trained on generated data (what `segment/depth predict` load)."""
+    from dense_helpers import depth_dataset, seg_dataset
+
+    fast = ["--size", "28", "--iterations", "2", "--batch-size", "2", "--quiet", "--cache-dir", str(root / "c")]
+    seg, depth = root / "segmenter", root / "depther"
+    data = seg_dataset(root / "seg")
+    assert main(["segment", "train", "--model", str(backbone), "--train", str(data), "--val", str(data),
+                 "--output", str(seg), *fast]) == 0
+    data = depth_dataset(root / "depth")
+    assert main(["depth", "train", "--model", str(backbone), "--train", str(data), "--val", str(data),
+                 "--output", str(depth), "--layers", "1", *fast]) == 0
+    return {"segmenter": str(seg), "depther": str(depth)}
 
 
 def _good_images(folder: Path, count: int = 5) -> Path:
@@ -197,6 +215,27 @@ def check_classify(kind, path, root, models, tmp_path, capsys, caplog):
     return "error: Cannot read image file ...: <problem>"
 
 
+def _check_dense_predict(command: str, model: str, outputs):
+    """Predictions for every readable image; an unreadable one is skipped, logged and listed in errors.json."""
+    def check(kind, path, root, models, tmp_path, capsys, caplog):
+        pred = tmp_path / "pred"
+        folder = root / "train" / "a"
+        code, _, err = _run([command.split()[0], "predict", str(folder), "--model", models[model], "-o", str(pred),
+                             "--quiet"], capsys)
+        assert code == 0, err
+        stems = sorted(p.stem for p in folder.iterdir() if p != path and not p.is_dir())
+        errors = json.loads((pred / "errors.json").read_text()) if (pred / "errors.json").exists() else []
+        for stem in stems:
+            assert all((pred / name.format(stem)).is_file() for name in outputs), stem
+        if kind == "good":
+            assert not errors and all((pred / name.format(path.stem)).is_file() for name in outputs)
+            return "read"
+        assert [e["path"] for e in errors] == [display_path(path)] and errors[0]["reason"]
+        assert not any((pred / name.format(path.stem)).exists() for name in outputs)
+        return f"skipped, listed in errors.json ({errors[0]['reason'].split(' (')[0]})"
+    return check
+
+
 CHECKS = {
     "embed": check_embed,
     "eval knn": _check_eval("knn", ["--ks", "1"]),
@@ -208,6 +247,8 @@ CHECKS = {
     "classify": check_classify,
     "finetune": check_finetune,
     "train": check_train,
+    "segment predict": _check_dense_predict("segment predict", "segmenter", ["{}.png", "{}_overlay.png"]),
+    "depth predict": _check_dense_predict("depth predict", "depther", ["{}_depth.png", "{}_depth16.png"]),
 }
 BEHAVIOURS: dict[tuple[str, str], str] = {}  # (case, command) -> behaviour, for the README table
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dinokit import atomic
@@ -427,10 +428,7 @@ class Dinov2ImageProcessor:
     preprocess = __call__
 
     def post_process_semantic_segmentation(self, outputs, target_sizes=None) -> list[torch.Tensor]:
-        """Segmentation logits -> one (H, W) class map per image, as transformers' processors do (see
-        `dinokit.dense.postprocess`)."""
-        from dinokit.dense.postprocess import post_process_semantic_segmentation
-
+        """Segmentation logits -> one (H, W) class map per image, as transformers' processors do."""
         return post_process_semantic_segmentation(outputs, target_sizes)
 
     # -- the torchvision tensor path ------------------------------------------------------------------------------
@@ -465,6 +463,28 @@ class Dinov2ImageProcessor:
             for i, image in zip(indices, out):
                 ordered[i] = image
         return ordered
+
+
+# transformers' `post_process_semantic_segmentation` (its BEiT / DPT / SegFormer image processors).
+def post_process_semantic_segmentation(outputs, target_sizes=None) -> list[torch.Tensor]:
+    """`outputs.logits` (B, K, h, w) -> list of B (H, W) long tensors (argmax over classes).
+
+    `target_sizes`: None (maps at the logits' resolution) or B (height, width) pairs (list or (B, 2) tensor):
+    each image's logits are resized there (bilinear, align_corners=False) before the argmax.
+    """
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs["logits"]
+    if target_sizes is None:
+        return list(logits.argmax(dim=1))
+    if torch.is_tensor(target_sizes):
+        target_sizes = target_sizes.tolist()
+    if len(logits) != len(target_sizes):
+        raise ValueError("Make sure that you pass in as many target sizes as the batch dimension of the logits")
+    maps = []
+    for logit, size in zip(logits, target_sizes):
+        resized = F.interpolate(logit.unsqueeze(0), size=tuple(int(s) for s in size), mode="bilinear",
+                                align_corners=False)
+        maps.append(resized[0].argmax(dim=0))
+    return maps
 
 
 def preprocess_tensor_batch(images: torch.Tensor, *, do_resize: bool = True, size: int | dict[str, int] = 256,

@@ -6,8 +6,8 @@ docs/dense.md says what was taken from where and what dinokit chose where the re
 """
 
 from dinokit.dense.depth import DepthConfig, DepthEstimatorOutput, Dinov2ForDepthEstimation
-from dinokit.dense.postprocess import post_process_semantic_segmentation
 from dinokit.dense.segmentation import Dinov2ForSemanticSegmentation, SemanticSegmenterOutput
+from dinokit.processing import post_process_semantic_segmentation
 
 __all__ = ["DepthConfig", "DepthEstimatorOutput", "Dinov2ForDepthEstimation", "Dinov2ForSemanticSegmentation",
            "SemanticSegmenterOutput", "post_process_semantic_segmentation"]

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+from dinokit.data.images import IMAGE_EXTENSIONS
+
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the one list every command uses
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 
@@ -36,7 +38,9 @@ def list_images(path: str | os.PathLike) -> list[Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist: pass an image file or a folder of images")
     folder = path / "images" if (path / "images").is_dir() else path
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # broken and looping links are kept (like `find_image_files`), so reading them reports them
+    files = sorted(p for p in folder.iterdir()
+                   if not p.name.startswith(".") and not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{folder} contains no images ({', '.join(IMAGE_SUFFIXES)})")
     return files

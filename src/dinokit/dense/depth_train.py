@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinokit import atomic, locking
+from dinokit import atomic
 from dinokit.dense import data
 from dinokit.dense.depth import DepthConfig, Dinov2ForDepthEstimation
 from dinokit.dense.features import (
@@ -33,7 +33,7 @@ from dinokit.dense.features import (
 from dinokit.dense.linear_depth import LinearDepthHead
 from dinokit.dense.losses import sigloss
 from dinokit.dense.metrics import depth_errors, mean_depth_errors
-from dinokit.dense.output import MARKER, staged_output
+from dinokit.dense.output import MARKER, staged_output, write_predictions
 from dinokit.dense.padding import center_pad
 from dinokit.dense.palette import colorize_depth
 from dinokit.dense.segment import _poly_lr, finite_or_none
@@ -172,19 +172,10 @@ def predict_depth(inputs, model, output, depth_scale: float = 1000.0, size: int 
     """PRED/<stem>_depth.png (colour map) and PRED/<stem>_depth16.png (uint16, depth x depth_scale)."""
     images = [p for item in ([inputs] if isinstance(inputs, (str, Path)) else inputs) for p in data.list_images(item)]
     depther, processor = load_depther(model, size)
-    output = Path(output).expanduser()
-    written = []
-    with locking.acquire(output, "dinokit depth predict"):
-        iterator = images
-        if progress:
-            from tqdm.auto import tqdm
 
-            iterator = tqdm(images, desc="depth", unit="image")
-        for path in iterator:
-            depth = depth_image(depther, processor, path)
-            sixteen = Image.fromarray(np.clip(np.round(depth * depth_scale), 0, 65535).astype(np.uint16))
-            for name, picture in ((f"{path.stem}_depth.png", colorize_depth(depth)),
-                                  (f"{path.stem}_depth16.png", sixteen)):
-                atomic.atomic_write(output / name, lambda tmp, p=picture: p.save(tmp, format="PNG"))
-                written.append(output / name)
-    return written
+    def predict(path: Path):
+        depth = depth_image(depther, processor, path)
+        sixteen = Image.fromarray(np.clip(np.round(depth * depth_scale), 0, 65535).astype(np.uint16))
+        return [(f"{path.stem}_depth.png", colorize_depth(depth)), (f"{path.stem}_depth16.png", sixteen)]
+
+    return write_predictions(images, Path(output).expanduser(), "dinokit depth predict", predict, progress)

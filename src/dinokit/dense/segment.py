@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinokit import atomic, locking
+from dinokit import atomic
 from dinokit.dense import data
 from dinokit.dense.features import (
     DenseFeatures,
@@ -33,7 +33,7 @@ from dinokit.dense.features import (
     to_image,
 )
 from dinokit.dense.metrics import ConfusionMatrix
-from dinokit.dense.output import MARKER, staged_output
+from dinokit.dense.output import MARKER, staged_output, write_predictions
 from dinokit.dense.padding import center_pad
 from dinokit.dense.palette import index_png, overlay
 from dinokit.dense.seg_head import BNSegHead
@@ -227,18 +227,9 @@ def predict_segmentation(inputs, model, output, progress: bool = True) -> list[P
     """Write PRED/<stem>.png (palette PNG of class indices) and PRED/<stem>_overlay.png for each image."""
     images = [p for item in ([inputs] if isinstance(inputs, (str, Path)) else inputs) for p in data.list_images(item)]
     segmenter, processor = load_segmenter(model)
-    output = Path(output).expanduser()
-    written = []
-    with locking.acquire(output, "dinokit segment predict"):
-        iterator = images
-        if progress:
-            from tqdm.auto import tqdm
 
-            iterator = tqdm(images, desc="segment", unit="image")
-        for path in iterator:
-            mask, image = segment_image(segmenter, processor, path)
-            for name, picture in ((f"{path.stem}.png", index_png(mask)),
-                                  (f"{path.stem}_overlay.png", overlay(image, mask))):
-                atomic.atomic_write(output / name, lambda tmp, p=picture: p.save(tmp, format="PNG"))
-                written.append(output / name)
-    return written
+    def predict(path: Path):
+        mask, image = segment_image(segmenter, processor, path)
+        return [(f"{path.stem}.png", index_png(mask)), (f"{path.stem}_overlay.png", overlay(image, mask))]
+
+    return write_predictions(images, Path(output).expanduser(), "dinokit segment predict", predict, progress)
