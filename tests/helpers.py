@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dinokit import Dinov2Config, Dinov2WithRegistersConfig
+from dinokit import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig
 
 
 def small_config(registers: int = 0, swiglu: bool = False, image_size: int = 518, **kw) -> Dinov2Config:
@@ -43,3 +43,11 @@ def max_diff(a, b) -> float:
         return max(max_diff(x, y) for x, y in zip(a, b))
     assert a.shape == b.shape, f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
     return (a.float() - b.float()).abs().max().item()
+
+
+def save_tiny_model(path, image_size: int = 28, seed: int = 0) -> str:
+    """A 32-wide, 1-block, 2-head ViT/14 (seeded init) saved with save_pretrained: the model of the app tests."""
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
+                             patch_size=14)).save_pretrained(path)
+    return str(path)

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
-from dinokit import Dinov2Config, Dinov2Model
 from dinokit.apps import store
 from dinokit.apps.embed import embed
 from shards import image_bytes, write_shard
+
+from helpers import save_tiny_model
 
 ray = pytest.importorskip("ray")
 embed_module = importlib.import_module("dinokit.apps.embed")  # the module, not dinokit.apps.embed()
@@ -40,12 +40,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=SIZE,
-                                     patch_size=14))
-    path = tmp_path_factory.mktemp("model")
-    model.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("model"), image_size=SIZE)
 
 
 @pytest.fixture(scope="module")

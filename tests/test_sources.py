@@ -8,9 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from dinokit import Dinov2Config, Dinov2Model
 from dinokit.apps import store
 from dinokit.apps.embed import embed
 from dinokit.data import sources
@@ -19,17 +17,14 @@ from dinokit.data.images import read_image
 from dinokit.ssl.loader import InfiniteShardedSampler
 from shards import write_shard
 
+from helpers import save_tiny_model
+
 SIZE = 28
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=SIZE,
-                                     patch_size=14))
-    path = tmp_path_factory.mktemp("model")
-    model.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("model"), image_size=SIZE)
 
 
 @pytest.fixture(scope="module")

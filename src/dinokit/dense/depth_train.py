@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +35,12 @@ from dinokit.dense.metrics import depth_errors, mean_depth_errors
 from dinokit.dense.output import MARKER, staged_output, write_predictions
 from dinokit.dense.padding import center_pad
 from dinokit.dense.palette import colorize_depth
-from dinokit.dense.segment import _poly_lr, finite_or_none
+from dinokit.dense.segment import HeadTrainConfig, _poly_lr, finite_or_none
 
 ARCHITECTURE = "Dinov2ForDepthEstimation"
 
 
-@dataclass
-class DepthTrainConfig:
-    iterations: int = 2000
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_fraction: float = 0.04
-    seed: int = 0
+DepthTrainConfig = HeadTrainConfig
 
 
 def load_depth_split(root, depth_scale: float):

@@ -43,13 +43,18 @@ ARCHITECTURE = "Dinov2ForSemanticSegmentation"
 
 
 @dataclass
-class SegTrainConfig:
+class HeadTrainConfig:
+    """How a dense head is trained on cached features (segmentation and depth alike)."""
+
     iterations: int = 2000
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.04
     seed: int = 0
+
+
+SegTrainConfig = HeadTrainConfig
 
 
 @dataclass
