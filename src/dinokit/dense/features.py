@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinokit import atomic, locking
+from dinokit import locking
 from dinokit.dense.padding import center_pad, center_padding
-from dinokit.eval.features import _hash_model, default_cache_dir, staging_dir
+from dinokit.eval.features import _hash_model, default_cache_dir, write_entry
 
 CACHE_FORMAT = 1
 
@@ -220,17 +220,5 @@ def _load(entry: Path, stems: list[str]) -> DenseFeatures | None:
 
 
 def _write(entry: Path, features: DenseFeatures) -> None:
-    temporary = None
-    try:
-        with atomic.writing(entry, option="--cache-dir (or --no-cache)"):
-            temporary = staging_dir(entry)
-            np.save(temporary / "features.npy", features.features)
-            np.save(temporary / "grids.npy", features.grids)
-            (temporary / "manifest.json").write_text(json.dumps({"format": CACHE_FORMAT, "stems": features.stems}))
-            if entry.exists():
-                shutil.rmtree(entry)
-            os.replace(temporary, entry)
-            temporary = None
-    finally:
-        if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)
+    write_entry(entry, {"features": features.features, "grids": features.grids},
+                {"format": CACHE_FORMAT, "stems": features.stems})

@@ -165,15 +165,22 @@ def staging_dir(target: Path) -> Path:
 
 
 def _write_entry(entry: Path, features: FeatureSet, description: dict) -> None:
+    write_entry(entry, {"cls_blocks": features.cls_blocks, "patch_mean": features.patch_mean,
+                        "labels": features.labels},
+                {"format": CACHE_FORMAT, **description, "paths": features.paths,
+                 "skipped": [list(item) for item in features.skipped]})
+
+
+def write_entry(entry: Path, arrays: dict[str, np.ndarray], manifest: dict) -> None:
+    """A cache entry folder (`<name>.npy` per array + manifest.json) written whole: into a staging folder beside
+    it, then renamed, so a reader sees no entry or a complete one. If another process wrote the same entry
+    first, its (identical) entry stays."""
     temporary = None
     try:
         with atomic.writing(entry, option="--cache-dir (or --no-cache)"):
             temporary = staging_dir(entry)
-            np.save(temporary / "cls_blocks.npy", features.cls_blocks)
-            np.save(temporary / "patch_mean.npy", features.patch_mean)
-            np.save(temporary / "labels.npy", features.labels)
-            manifest = {"format": CACHE_FORMAT, **description, "paths": features.paths,
-                        "skipped": [list(item) for item in features.skipped]}
+            for name, array in arrays.items():
+                np.save(temporary / f"{name}.npy", array)
             (temporary / "manifest.json").write_text(json.dumps(manifest))
             atomic.pause_point(entry)
             os.replace(temporary, entry)
@@ -181,7 +188,6 @@ def _write_entry(entry: Path, features: FeatureSet, description: dict) -> None:
     except OSError:
         if not entry.exists():
             raise
-        # another process wrote the same entry first: identical content
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
