@@ -24,64 +24,15 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from peak_memory import PeakMemory
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / ".." / "shared" / "datasets" / "imagenette" / "val"
-
-
-def _memory_kb(pid: int) -> int:
-    for name, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
-        try:
-            with open(name) as f:
-                for line in f:
-                    if line.startswith(key):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-    return 0
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-                found += kids
-                todo += kids
-        except OSError:
-            pass
-    return found
-
-
-class PeakMemory:
-    """Peak total PSS of this process and all its descendants while the `with` block runs."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        self.interval, self.peak_kb, self._stop = interval, 0, threading.Event()
-
-    def _run(self) -> None:
-        me = os.getpid()
-        while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, _memory_kb(me) + sum(_memory_kb(k) for k in _descendants(me)))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main(argv=None) -> int:

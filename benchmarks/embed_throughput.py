@@ -24,75 +24,17 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
+from peak_memory import PeakMemory
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / ".." / "shared" / "datasets" / "imagenette" / "val"
 
 
 # ---------------------------------------------------------------------------------------------------- memory
-def _memory_kb(pid: int) -> int:
-    """PSS of a process in kB (RSS if smaps_rollup is unreadable), 0 if it has exited."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                kids += [int(k) for k in f.read().split()]
-    except OSError:
-        pass
-    return kids
-
-
-class PeakMemory:
-    """Samples this process and its children in a thread; `.peak_mb` after the `with` block."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        self.interval, self.peak_kb = interval, 0
-        self._stop = threading.Event()
-
-    def _run(self) -> None:
-        me = os.getpid()
-        while not self._stop.is_set():
-            total = _memory_kb(me) + sum(_memory_kb(k) for k in _children(me))
-            self.peak_kb = max(self.peak_kb, total)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak_kb / 1024
-
-
 def _cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
