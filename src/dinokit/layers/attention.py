@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinokit.layers.linear import linear
+from dinokit.layers.position_embedding import is_tracing
 
 
 class Attention(nn.Module):
@@ -24,21 +25,35 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, head_mask: torch.Tensor | None = None):
+        if not (return_attention or head_mask is not None):
+            return self.proj_drop(linear(self.mix(x), self.proj))
         B, N, C = x.shape
-        qkv = linear(x, self.qkv).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        if return_attention or head_mask is not None:
-            # Explicit path, only when the attention weights themselves are wanted (SDPA does not return them).
-            attn = (q @ k.transpose(-2, -1)) * self.scale
-            attn = attn.softmax(dim=-1)
-            if head_mask is not None:
-                attn = attn * head_mask
-            weights = attn
-            if self.training and self.attn_drop:
-                attn = F.dropout(attn, self.attn_drop)
-            x = attn @ v
-        else:
-            weights = None
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        q, k, v = self._qkv(x).unbind(0)
+        # Explicit path, only when the attention weights themselves are wanted (SDPA does not return them).
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn.softmax(dim=-1)
+        if head_mask is not None:
+            attn = attn * head_mask
+        weights = attn
+        if self.training and self.attn_drop:
+            attn = F.dropout(attn, self.attn_drop)
+        x = attn @ v
         x = self.proj_drop(linear(x.transpose(1, 2).reshape(B, N, C), self.proj))
         return (x, weights) if return_attention else x
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return linear(x, self.qkv).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention output before the output projection, (B, N, C), with SDPA."""
+        B, N, C = x.shape
+        qkv = self._qkv(x)
+        if not torch.is_grad_enabled() and x.device.type == "cpu" and not is_tracing():
+            # The CPU flash kernel is ~20% faster on contiguous heads than on the strided views; the copy
+            # costs less than that (benchmarks/inference.py). Not under autograd (it would keep the copy alive), nor
+            # in traced graphs (grad mode differs between torch.jit.trace's invocations).
+            qkv = qkv.contiguous()
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return x.transpose(1, 2).reshape(B, N, C)

@@ -8,7 +8,9 @@ from torch import nn
 from dinokit.layers.attention import Attention
 from dinokit.layers.drop_path import DropPath, drop_add_residual_stochastic_depth
 from dinokit.layers.layer_scale import LayerScale
+from dinokit.layers.linear import linear, linear_residual_
 from dinokit.layers.mlp import Mlp, SwiGLUFFN, swiglu_hidden_features
+from dinokit.layers.position_embedding import is_tracing
 
 # Above this rate, training drops a random subset of the batch instead of masking samples (training.md §5).
 BATCH_SUBSET_DROP_PATH_ABOVE = 0.1
@@ -51,6 +53,24 @@ class Block(nn.Module):
             x = drop_add_residual_stochastic_depth(x, self.attn_residual, self.sample_drop_ratio)
             x = drop_add_residual_stochastic_depth(x, self.ffn_residual, self.sample_drop_ratio)
             return x
+        if not torch.is_grad_enabled() and not is_tracing():  # traced/exported graphs keep the plain ops
+            return self._inference_forward(x)
         x = x + self.drop_path1(self.attn_residual(x))
         x = x + self.drop_path2(self.ffn_residual(x))
         return x
+
+    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same block with the residual adds fused into the output projections (no grad, no drop path).
+
+        `x + ls1(proj(attn))` is one GEMM accumulating into a fresh copy of the stream, and the FFN's
+        `+ ls2(fc2(...))` accumulates into that copy in place; the caller's `x` is never modified.
+        """
+        y = linear_residual_(x, self.attn.mix(self.norm1(x)), self.attn.proj, _gain(self.ls1))
+        if isinstance(self.mlp, Mlp):
+            hidden = linear(self.norm2(y), self.mlp.fc1, self.mlp.act)
+            return linear_residual_(y, hidden, self.mlp.fc2, _gain(self.ls2), inplace=True)
+        return y.add_(self.ffn_residual(y))
+
+
+def _gain(layer_scale: nn.Module) -> torch.Tensor | None:
+    return layer_scale.gamma if isinstance(layer_scale, LayerScale) else None

@@ -1,7 +1,11 @@
-"""Fast path for Linear layers on CPU: oneDNN's linear (+ bias + GELU fused at inference).
+"""Fast paths for Linear layers on CPU: the faster GEMM library for this CPU, with bias/activation/residual fused.
 
-On CPUs where MKL's sgemm takes a slow code path (e.g. AMD), oneDNN's matmul is 2-3x faster and, at inference,
-fuses the bias add and the activation into the GEMM epilogue, saving whole passes over memory. With autograd
+Which library is faster depends on the CPU (measured, `benchmarks/inference.py`): on Intel, MKL's sgemm beats
+oneDNN's matmul for plain products (~5-10%), but a Linear followed by GELU is faster as one oneDNN call with the
+activation in its epilogue than MKL plus a separate GELU pass. On other CPUs (e.g. AMD), MKL takes a slow code
+path and oneDNN is 2-3x faster for everything. `linear()` picks per call; `linear_residual_()` (inference only)
+adds a LayerScaled Linear into a residual stream in place: with MKL as one `addmm_` (beta=1, no new tensor),
+with oneDNN as one call with a binary-add post-op. With autograd
 (CPU training) the forward product and the input gradient go through oneDNN too; the weight gradient stays on
 `torch.mm`, which is as fast for that layout and needs no transposed copies. Used on CPU in float32 only,
 outside autocast and not while tracing/exporting. The summation order differs from MKL's, so results differ
@@ -20,6 +24,21 @@ from dinokit.layers.position_embedding import is_tracing
 
 _OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _enabled = os.environ.get("DINOKIT_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+
+
+def _cpu_vendor() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# MKL is the faster plain GEMM on Intel CPUs (and only there); DINOKIT_GEMM=mkl|onednn overrides the choice.
+_PLAIN_GEMM = os.environ.get("DINOKIT_GEMM") or (
+    "mkl" if _cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn")
 
 # activation module class name -> (oneDNN post-op, its algorithm argument)
 _POST_OPS = {"GELU:none": ("gelu", "none"), "GELU:tanh": ("gelu", "tanh"), "ReLU": ("relu", ""),
@@ -81,8 +100,35 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear, act: torch.nn.Module | None 
             y = _OneDnnLinear.apply(x, layer.weight, layer.bias)
             return act(y) if act is not None else y
         post = post_op_name(act)
+        if act is None and _PLAIN_GEMM == "mkl":
+            return F.linear(x, layer.weight, layer.bias)
         if act is None or post is not None:
             attr, algorithm = _POST_OPS[post] if post else ("none", "")
             return _OP(x, layer.weight, layer.bias, attr, [], algorithm)
     y = F.linear(x, layer.weight, layer.bias)
     return act(y) if act is not None else y
+
+
+def linear_residual_(residual: torch.Tensor, x: torch.Tensor, layer: torch.nn.Linear,
+                     gamma: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+    """`residual + gamma * layer(x)` at inference; with `inplace`, `residual` may be overwritten with it.
+
+    The LayerScale gain is folded into the weights (gamma * W, gamma * b: a pass over the small weight matrix
+    instead of over the activations), so the residual branch costs no pass after the product.
+    """
+    weight, bias = layer.weight, layer.bias
+    if gamma is not None:
+        weight = weight * gamma[:, None]
+        bias = bias * gamma if bias is not None else None
+    if torch.is_grad_enabled() or not (_usable(x, weight) and residual.is_contiguous() and x.is_contiguous()):
+        y = F.linear(x, weight, bias)
+        return residual.add_(y) if inplace else residual + y
+    if _PLAIN_GEMM == "onednn":
+        return _OP.binary(x, residual, weight, bias, "add")
+    if bias is not None:
+        out = residual.add_(bias) if inplace else residual + bias
+    else:
+        out = residual if inplace else residual.clone()
+    # beta=1 GEMM straight into the residual stream: no new tensor, no separate add
+    out.view(-1, out.shape[-1]).addmm_(x.view(-1, x.shape[-1]), weight.t())
+    return out
