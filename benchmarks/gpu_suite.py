@@ -89,7 +89,8 @@ def make_plan(smoke: bool) -> Plan:
     if not smoke:
         cores = os.cpu_count() or 2
         workers = max(1, min(12, cores - 2))
-        return Plan(smoke=False, device=torch.device("cuda"),
+        # An explicit index: torch.cuda.set_device (called by `embed`) refuses a bare "cuda".
+        return Plan(smoke=False, device=torch.device("cuda", 0),
                     nominal_s={"a": 30, "b": 150, "c": 45, "d": 60, "e": 260},
                     cifar_args=["--workers", str(workers), "--threads", str(max(1, min(8, cores // 2))),
                                 "--eval-points", "1"])
