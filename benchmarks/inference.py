@@ -55,7 +55,8 @@ def transformers_model(weights_dir: Path):
     return Dinov2Model.from_pretrained(weights_dir, attn_implementation="sdpa").eval()
 
 
-def timm_model(preset: str, model):
+def timm_model(preset: str, model, **overrides):
+    """timm's DINOv2 ViT for `preset` with `model`'s weights; `overrides` (e.g. depth=2) go to timm.create_model."""
     import timm
     import timm.models.vision_transformer as timm_vit
     from timm.layers import resample_abs_pos_embed
@@ -65,7 +66,7 @@ def timm_model(preset: str, model):
     # timm resamples with antialias=True; the reference here (transformers Dinov2Model) does not.
     timm_vit.resample_abs_pos_embed = functools.partial(resample_abs_pos_embed, antialias=False)
     net = timm.create_model(TIMM_NAMES[preset], pretrained=False, num_classes=0, img_size=518,
-                            dynamic_img_size=True)
+                            dynamic_img_size=True, **overrides)
     backbone, _ = model.meta_state_dict()
     net.load_state_dict(meta_to_timm(backbone), strict=True)
     return net.eval()

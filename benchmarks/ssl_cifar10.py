@@ -44,18 +44,28 @@ from dinokit.ssl.trainer import Trainer, init_distributed
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10"
 
 
-def calibrate(cfg, dataset, steps: int = 4) -> float:
-    """Seconds per training iteration (forward + backward + step-free), median of `steps` after a warm-up."""
+def calibrate(cfg, dataset, steps: int = 4, device: torch.device | str = "cpu") -> float:
+    """Seconds per training iteration (forward + backward + step-free), median of `steps` after a warm-up.
+
+    On CUDA a small model's step can be shorter than the data pipeline's time per batch, so there the wait for
+    the batch is timed too, over enough steps to drain the batches the workers prefetched."""
     probe = load_train_config(cfg.to_dict())
     probe.optim.lr = 1e-4
-    arch = SSLMetaArch(probe)
+    arch = SSLMetaArch(probe, device=device)
     loader = iter(build_loader(probe, dataset))
+    on_cuda = arch.device.type == "cuda"
+    if on_cuda:
+        steps = max(steps, 2 * int(probe.train.num_workers) + 8)
     times = []
     for _ in range(steps + 1):
-        batch = next(loader)
         start = time.perf_counter()
+        batch = next(loader)
+        if not on_cuda:
+            start = time.perf_counter()
         loss, _, _ = arch.forward_losses(batch, 0.04)
         loss.backward()
+        if on_cuda:
+            torch.cuda.synchronize()  # kernels run asynchronously: time them, not their launch
         times.append(time.perf_counter() - start)
     return sorted(times[1:])[len(times[1:]) // 2]
 
@@ -85,6 +95,7 @@ def main() -> None:
                              "when training on smaller crops)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--workers", type=int, default=1, help="data-loading worker processes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's own GPU)")
     parser.add_argument("--epochs", type=int, default=30, help="schedule epochs fitted into the budget")
     parser.add_argument("--iterations", type=int, default=None,
                         help="iterations the schedule spans (default: from a calibration of the step time)")
@@ -92,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    env = init_distributed("cpu")
+    env = init_distributed(args.device)
     if env.distributed and not args.iterations:
         raise SystemExit("Under torchrun pass --iterations (every rank must plan the same schedule).")
 
@@ -118,7 +129,7 @@ def main() -> None:
     results: dict = {
         "benchmark": "ssl_cifar10", "config": args.config, "overrides": args.overrides,
         "minutes_budget": args.minutes, "threads": args.threads, "workers": args.workers,
-        "processes": env.world_size, "global_batch": global_batch,
+        "processes": env.world_size, "global_batch": global_batch, "device": str(env.device),
         "knn": {"k": 20, "temperature": 0.07, "feature": "teacher final-norm CLS", "image_size": size,
                 "train_images": len(monitor.train_labels), "test_images": len(monitor.test_labels)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
@@ -128,14 +139,15 @@ def main() -> None:
     t0 = time.perf_counter()
     results["baselines"] = {"raw_pixels": monitor.raw_pixels()}
     torch.manual_seed(cfg.train.seed)
-    random_init = SSLMetaArch(cfg).teacher.backbone
+    random_init = SSLMetaArch(cfg, device=env.device).teacher.backbone
     results["baselines"]["random_init"] = monitor(random_init)
     if cfg.student.layerscale != 1.0:
         # With LayerScale 1e-5 the blocks of a fresh model are almost the identity, so every image gets nearly the
         # same CLS token; the same random ViT with LayerScale 1 is the informative random-feature baseline.
         torch.manual_seed(cfg.train.seed)
         results["baselines"]["random_init_layerscale_1"] = monitor(
-            SSLMetaArch(load_train_config(cfg.to_dict(), ["student.layerscale=1.0"])).teacher.backbone)
+            SSLMetaArch(load_train_config(cfg.to_dict(), ["student.layerscale=1.0"]),
+                        device=env.device).teacher.backbone)
     eval_s = time.perf_counter() - t0
     print(f"baselines: {results['baselines']} ({eval_s:.0f} s)", flush=True)
 
@@ -143,7 +155,7 @@ def main() -> None:
     if args.iterations:
         iterations, seconds_per_iteration = args.iterations, None
     else:
-        seconds_per_iteration = calibrate(cfg, dataset)
+        seconds_per_iteration = calibrate(cfg, dataset, device=env.device)
         # Plan 10% more than the calibration suggests: a run cut by the budget just ends with the lr not fully
         # decayed.
         iterations = max(50, int(args.minutes * 60 / seconds_per_iteration * 1.1))
@@ -187,7 +199,7 @@ def main() -> None:
         results["full_train_set"] = {
             "train_images": len(full.train_labels), "test_images": len(full.test_labels),
             "raw_pixels": full.raw_pixels(),
-            "random_init": full(SSLMetaArch(cfg).teacher.backbone),
+            "random_init": full(SSLMetaArch(cfg, device=env.device).teacher.backbone),
             "trained": full(trainer.arch.result_backbone()),
         }
         results["full_train_set"]["seconds"] = time.perf_counter() - t0
