@@ -1,11 +1,16 @@
 """CPU inference throughput: every dinokit backend vs transformers (SDPA) vs timm, same weights, one process.
 
-    .venv/bin/python benchmarks/inference.py                       # ViT-S/14 and ViT-B/14, fp32, ~15 min here
+    .venv/bin/python benchmarks/inference.py                       # ViT-S/14 and ViT-B/14, fp32, every backend
+    .venv/bin/python benchmarks/inference.py --backends torch --no-memory   # the default path vs the peers only
     .venv/bin/python benchmarks/inference.py --models vits14 --rounds 3 --no-compile   # quick look
 
-For each model and setting (224x224 batch 8, 518x518 batch 1) the implementations run interleaved: each round
+This is the one CPU inference benchmark (it replaced core_throughput.py, whose back-to-back calls without
+pauses and different thread handling gave other ratios). For each model and setting (224x224 batch 8, 518x518
+batch 1 and batch 8) the implementations run interleaved: each round
 times one call of every implementation in turn (after one warm-up call each, and a short pause between calls so
-spinning worker threads of the previous one go idle). Reported: median img/s over rounds, ratio to transformers,
+spinning worker threads of the previous one go idle). Reported: median img/s over rounds; for each dinokit
+backend the min / median / max over rounds of its per-round speed ratio to the faster peer (transformers or
+timm, whichever has the higher median), so the spread of the lead is visible, never one best figure;
 max |Δ| of last_hidden_state and min CLS cosine against dinokit's eager torch output on the same input, and peak
 memory of one forward (RSS high-water mark above the loaded model, measured in a fresh subprocess per cell;
 "n/a" for torch.compile, whose compilation would dominate it).
@@ -35,7 +40,7 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-SETTINGS = [(224, 8), (518, 1)]
+SETTINGS = [(224, 8), (518, 1), (518, 8)]
 TIMM_NAMES = {"vits14": "vit_small_patch14_dinov2", "vitb14": "vit_base_patch14_dinov2",
               "vitl14": "vit_large_patch14_dinov2"}
 PAUSE = 0.3  # seconds between timed calls
@@ -72,13 +77,13 @@ def timm_model(preset: str, model, **overrides):
     return net.eval()
 
 
-def implementations(preset: str, model, weights_dir: Path, onnx_dir: Path, compile_too: bool) -> dict:
+def implementations(preset: str, model, weights_dir: Path, onnx_dir: Path, backends: list[str]) -> dict:
     """name -> callable(pixels) -> last_hidden_state (torch tensor)."""
     from dinokit.backends import get_backend
 
     onnx_path = onnx_dir / f"{preset}.onnx"
     impls = {}
-    for name in ["torch"] + (["compile"] if compile_too else []) + ["onnxruntime", "onnxruntime-int8"]:
+    for name in backends:
         options = {"onnx_path": onnx_path} if name.startswith("onnxruntime") else {}
         backend = get_backend(model, name, **options)
         impls[f"dinokit {name}"] = lambda x, b=backend: b(x).last_hidden_state
@@ -104,6 +109,17 @@ def time_interleaved(impls: dict, pixels: torch.Tensor, rounds: int) -> dict[str
             impls[name](pixels)
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def ratio_spreads(times: dict[str, list[float]]) -> dict[str, tuple[float, float, float]]:
+    """min / median / max over rounds of each implementation's speed relative to the faster peer, same round."""
+    peers = [name for name in times if not name.startswith("dinokit")]
+    peer = min(peers, key=lambda name: statistics.median(times[name]))
+    out = {}
+    for name, own in times.items():
+        ratios = [theirs / mine for mine, theirs in zip(own, times[peer])]
+        out[name] = (min(ratios), statistics.median(ratios), max(ratios))
+    return out
 
 
 @torch.inference_mode()
@@ -207,29 +223,33 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="dinokit-bench-"))
-    results = {"threads": args.threads, "rounds": args.rounds, "torch": torch.__version__, "cells": []}
+    results = {"threads": args.threads, "rounds": args.rounds, "torch": torch.__version__, "cells": [],
+               "settings": args.settings}
     for preset in args.models:
         model = dinokit_model(preset)
         weights_dir = work / preset
         model.save_pretrained(weights_dir)
-        started = time.perf_counter()
-        export_onnx(model, work / f"{preset}.onnx")
-        print(f"[{preset}] ONNX export + check {time.perf_counter() - started:.0f} s", flush=True)
-        impls = implementations(preset, model, weights_dir, work, args.compile)
-        for size, batch in SETTINGS:
+        if any(b.startswith("onnxruntime") for b in args.backends):
+            started = time.perf_counter()
+            export_onnx(model, work / f"{preset}.onnx")
+            print(f"[{preset}] ONNX export + check {time.perf_counter() - started:.0f} s", flush=True)
+        impls = implementations(preset, model, weights_dir, work, args.backends)
+        for size, batch in args.settings:
             pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size))
             started = time.perf_counter()
             times = time_interleaved(impls, pixels, args.rounds)
             diffs = distances(impls, pixels)
             print(f"[{preset}] {size}x{size} batch {batch}: timed in {time.perf_counter() - started:.0f} s",
                   flush=True)
+            spreads = ratio_spreads(times)
             for name in impls:
                 memory = peak_memory(name, preset, size, batch, weights_dir, work, args.threads) if args.memory \
                     else None
                 results["cells"].append({
                     "model": preset, "size": size, "batch": batch, "impl": name,
                     "img_s": batch / statistics.median(times[name]), "times": times[name],
-                    "max_abs_diff": diffs[name][0], "min_cls_cosine": diffs[name][1], "peak_mib": memory})
+                    "max_abs_diff": diffs[name][0], "min_cls_cosine": diffs[name][1], "peak_mib": memory,
+                    "ratio_to_peer": spreads[name]})
         del impls
     if torch.cuda.is_available():
         results["cuda"] = cuda_section(args.models, args.rounds)
@@ -239,19 +259,22 @@ def run(args) -> dict:
 def print_tables(results: dict) -> None:
     cells = results["cells"]
     for preset in dict.fromkeys(c["model"] for c in cells):
-        for size, batch in SETTINGS:
+        for size, batch in results["settings"]:
             rows = [c for c in cells if c["model"] == preset and c["size"] == size and c["batch"] == batch]
             if not rows:
                 continue
             base = next(c["img_s"] for c in rows if c["impl"].startswith("transformers"))
+            peer = max((c for c in rows if not c["impl"].startswith("dinokit")), key=lambda c: c["img_s"])
             print(f"\n{preset}, fp32, {size}x{size}, batch {batch} ({results['threads']} threads, "
-                  f"median of {results['rounds']} interleaved rounds)\n")
-            print("| implementation | img/s | vs transformers | peak MiB | max abs diff | min CLS cosine |")
-            print("|---|---|---|---|---|---|")
+                  f"median of {results['rounds']} interleaved rounds; faster peer: {peer['impl']})\n")
+            print("| implementation | img/s | vs transformers | vs faster peer: median (min-max over rounds) "
+                  "| peak MiB | max abs diff | min CLS cosine |")
+            print("|---|---|---|---|---|---|---|")
             for c in rows:
                 memory = f"{c['peak_mib']:.0f}" if c["peak_mib"] is not None else "n/a"
-                print(f"| {c['impl']} | {c['img_s']:.2f} | {c['img_s'] / base:.2f}x | {memory} | "
-                      f"{c['max_abs_diff']:.1e} | {c['min_cls_cosine']:.4f} |")
+                lo, mid, hi = c["ratio_to_peer"]
+                print(f"| {c['impl']} | {c['img_s']:.2f} | {c['img_s'] / base:.2f}x | {mid:.2f}x ({lo:.2f}-{hi:.2f}) "
+                      f"| {memory} | {c['max_abs_diff']:.1e} | {c['min_cls_cosine']:.4f} |")
     if results.get("cuda"):
         print("\nCUDA, bf16, 518x518, batch 64\n\n| model | implementation | img/s | peak MiB |\n|---|---|---|---|")
         for row in results["cuda"]:
@@ -265,6 +288,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vits14", "vitb14"], choices=sorted(TIMM_NAMES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--backends", nargs="+", default=None, choices=["torch", "compile", "onnxruntime",
+                        "onnxruntime-int8"], help="dinokit backends to time (default: all; --no-compile drops compile)")
+    parser.add_argument("--settings", nargs="+", default=None, metavar="SIZExBATCH",
+                        help="input sizes and batch sizes, e.g. 224x8 518x1 (default: 224x8 518x1 518x8)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -279,6 +306,9 @@ def main() -> None:
     if args.memory_impl:
         measure_memory_child(args)
         return
+    args.backends = args.backends or ["torch"] + (["compile"] if args.compile else []) + ["onnxruntime",
+                                                                                       "onnxruntime-int8"]
+    args.settings = [tuple(int(v) for v in s.split("x")) for s in args.settings] if args.settings else SETTINGS
     results = run(args)
     print_tables(results)
     if args.json:
