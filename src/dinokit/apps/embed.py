@@ -358,6 +358,8 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
     try:
         device = select_device(device) if engine == "local" else torch.device("cpu")
         if device.type == "cuda":
+            if device.index is None:  # set_device refuses a bare "cuda"
+                device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(device)  # NCCL collectives run on the current device
         # Before any slow step: a second run on this folder refuses at once. Held until the run ends.
         lock = locking.acquire_for_ranks(output_dir, "dinokit embed", rank, world)
