@@ -73,6 +73,11 @@ def test_sigint_to_a_running_embed_ends_in_one_line_and_the_rerun_finishes(tmp_p
     model = tmp_path / "model"
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                              patch_size=14)).save_pretrained(model)
+    # Input 500 is a named pipe: reading it blocks (like a file on a stalled network disk) until someone writes,
+    # so the run is certainly mid-way when the interrupt lands, however fast or loaded the machine is.
+    stalled = symlinked_images / "00500.png"
+    stalled.unlink()
+    os.mkfifo(stalled)
     out = tmp_path / "emb"
     command = [sys.executable, "-m", "dinokit", "embed", str(symlinked_images), "--model", str(model), "--output",
                str(out), "--image-size", "28", "--shard-size", "25", "--batch-size", "5", "--num-workers", "2",
@@ -81,7 +86,7 @@ def test_sigint_to_a_running_embed_ends_in_one_line_and_the_rerun_finishes(tmp_p
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
-        while not list((out / store.EMBEDDINGS_DIR).glob("*.npy")):  # a first shard: mid-run
+        while not list((out / store.EMBEDDINGS_DIR).glob("*.npy")):  # a first shard: under way
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGINT)
@@ -90,11 +95,13 @@ def test_sigint_to_a_running_embed_ends_in_one_line_and_the_rerun_finishes(tmp_p
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     manifest = json.loads((out / store.MANIFEST).read_text())
-    assert not manifest["complete"], "the run ended before the interrupt; the test needs more images"
+    assert not manifest["complete"], "the run ended before the interrupt"
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert err.strip().splitlines() == ["dinokit embed: interrupted; rerun the same command to resume"]
 
+    stalled.unlink()
+    stalled.symlink_to(tmp_path / "image.png")
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads((out / store.MANIFEST).read_text())["num_embedded"] == 1000
