@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from dinokit.backends import BACKENDS
+
 warnings.filterwarnings("ignore")
 
 SETTINGS = [(224, 8), (518, 1), (518, 8)]
@@ -288,8 +290,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vits14", "vitb14"], choices=sorted(TIMM_NAMES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--backends", nargs="+", default=None, choices=["torch", "compile", "onnxruntime",
-                        "onnxruntime-int8"], help="dinokit backends to time (default: all; --no-compile drops compile)")
+    parser.add_argument("--backends", nargs="+", default=None, choices=BACKENDS, help="dinokit backends to time (default: all; --no-compile drops compile)")
     parser.add_argument("--settings", nargs="+", default=None, metavar="SIZExBATCH",
                         help="input sizes and batch sizes, e.g. 224x8 518x1 (default: 224x8 518x1 518x8)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
@@ -306,8 +307,7 @@ def main() -> None:
     if args.memory_impl:
         measure_memory_child(args)
         return
-    args.backends = args.backends or ["torch"] + (["compile"] if args.compile else []) + ["onnxruntime",
-                                                                                       "onnxruntime-int8"]
+    args.backends = args.backends or [b for b in BACKENDS if args.compile or b != "compile"]
     args.settings = [tuple(int(v) for v in s.split("x")) for s in args.settings] if args.settings else SETTINGS
     results = run(args)
     print_tables(results)

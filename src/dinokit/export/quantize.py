@@ -116,10 +116,14 @@ class Agreement:
                 f"min {self.min_cosine:.4f}")
 
 
-def _run(session, pixels: torch.Tensor, batch_size: int = 16) -> np.ndarray:
-    outputs = [session.run(["pooler_output"], {INPUT_NAME: pixels[i:i + batch_size].numpy()})[0]
-               for i in range(0, len(pixels), batch_size)]
-    return np.concatenate(outputs)
+def _run(model, pixels: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+    """CLS embeddings (`pooler_output`) of `pixels` from an ONNX file path or a `dinokit.backends` backend."""
+    if isinstance(model, (str, os.PathLike)):
+        session = ort_session(model)
+        run = lambda batch: session.run(["pooler_output"], {INPUT_NAME: batch.numpy()})[0]  # noqa: E731
+    else:
+        run = lambda batch: model(batch).pooler_output.float().cpu().numpy()  # noqa: E731
+    return np.concatenate([run(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -129,9 +133,10 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def agreement(fp32_path, int8_path, pixels: torch.Tensor, source: str = "images") -> Agreement:
-    """Mean and min cosine between the int8 and fp32 CLS embeddings of `pixels` (N, 3, H, W)."""
-    reference = _run(ort_session(fp32_path), pixels)
-    quantized = _run(ort_session(int8_path), pixels)
+    """Mean and min cosine between the int8 and fp32 CLS embeddings of `pixels` (N, 3, H, W); each model is an
+    ONNX file or a backend (e.g. `get_backend(model, "torch-int8")`)."""
+    reference = _run(fp32_path, pixels)
+    quantized = _run(int8_path, pixels)
     cos = cosines(quantized, reference)
     return Agreement(len(pixels), source, float(cos.mean()), float(cos.min()))
 
@@ -155,7 +160,7 @@ class KnnDelta:
 
 def knn_delta(fp32_path, int8_path, labelled_folder, per_class: int = 20, k: int = 10, size: int = 224) -> KnnDelta:
     """k-NN top-1 of fp32 and int8 CLS features on a labelled ImageFolder: `per_class` images of each class,
-    alternately references and queries."""
+    alternately references and queries. The models are ONNX files or backends, as for `agreement`."""
     from dinokit.eval.data import load_split
     from dinokit.eval.knn import knn_evaluate
     from dinokit.processing import eval_transform, load_image
@@ -174,7 +179,7 @@ def knn_delta(fp32_path, int8_path, labelled_folder, per_class: int = 20, k: int
     k = min(k, len(train))
     accuracy = {}
     for name, path in (("fp32", fp32_path), ("int8", int8_path)):
-        features = torch.from_numpy(_run(ort_session(path), pixels))
+        features = torch.from_numpy(_run(path, pixels))
         features = torch.nn.functional.normalize(features, dim=1)
         rows = knn_evaluate(features[train], labels[train], features[test], labels[test], ks=(k,))
         accuracy[name] = rows[0]["top1"]

@@ -93,8 +93,12 @@ def post_op_name(act: torch.nn.Module | None) -> str | None:
     return key if key in _POST_OPS else None
 
 
-def linear(x: torch.Tensor, layer: torch.nn.Linear, act: torch.nn.Module | None = None) -> torch.Tensor:
-    """`act(layer(x))`, fused on CPU at inference; `act` may be None."""
+def linear(x: torch.Tensor, layer: torch.nn.Module, act: torch.nn.Module | None = None) -> torch.Tensor:
+    """`act(layer(x))`, fused on CPU at inference; `act` may be None. A layer that is not a float `nn.Linear`
+    (e.g. an int8 dynamically quantised one) is simply called."""
+    if not isinstance(layer, torch.nn.Linear):
+        y = layer(x)
+        return act(y) if act is not None else y
     if _usable(x, layer.weight):
         if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
             y = _OneDnnLinear.apply(x, layer.weight, layer.bias)
@@ -110,13 +114,16 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear, act: torch.nn.Module | None 
     return act(y) if act is not None else y
 
 
-def linear_residual_(residual: torch.Tensor, x: torch.Tensor, layer: torch.nn.Linear,
+def linear_residual_(residual: torch.Tensor, x: torch.Tensor, layer: torch.nn.Module,
                      gamma: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """`residual + gamma * layer(x)` at inference; with `inplace`, `residual` may be overwritten with it.
 
     The LayerScale gain is folded into the weights (gamma * W, gamma * b: a pass over the small weight matrix
     instead of over the activations), so the residual branch costs no pass after the product.
     """
+    if not isinstance(layer, torch.nn.Linear):  # e.g. int8: its own kernel, then one add
+        y = layer(x) if gamma is None else layer(x).mul_(gamma)
+        return residual.add_(y) if inplace else residual + y
     weight, bias = layer.weight, layer.bias
     if gamma is not None:
         weight = weight * gamma[:, None]
