@@ -59,7 +59,7 @@ def main() -> None:
     for preset in args.models:
         torch.manual_seed(0)
         model = dinokit.load_model(preset).eval()
-        fp32 = dinokit.backends.get_backend(model, "torch")
+        fp32 = backends_for(model, ["torch"])["torch"]
         for name, backend in backends_for(model, args.backends).items():
             started = time.perf_counter()
             agree = agreement(fp32, backend, pixels, source=f"{folder.parent.name}/{folder.name} images")

@@ -155,6 +155,27 @@ def test_resuming_with_other_settings_is_refused(images_dir, model, tmp_path):
         _run(images_dir, randomize_(tiny_model(), seed=7), tmp_path / "out")
 
 
+def test_int8_embedding_is_close_to_float32_recorded_and_not_mixed_on_resume(images_dir, model, tmp_path):
+    _run(images_dir, model, tmp_path / "fp32")
+    report = _run(images_dir, model, tmp_path / "int8", int8=True)
+    assert report.num_embedded == 23
+    fp32, int8 = store.load_embeddings(tmp_path / "fp32"), store.load_embeddings(tmp_path / "int8")
+    cosine = (fp32 * int8).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(int8, axis=1)
+    assert cosine.min() > 0.98 and not np.array_equal(fp32, int8)  # quantised, and still the same features
+    manifest = store.read_manifest(tmp_path / "int8")
+    assert manifest["int8"] is True and store.read_manifest(tmp_path / "fp32")["int8"] is False
+    # the fingerprint is of the float weights: the same model, so only the int8 setting differs
+    assert manifest["model"]["weights_sha256"] == store.read_manifest(tmp_path / "fp32")["model"]["weights_sha256"]
+    with pytest.raises(ValueError, match="different embedding run.*int8: True -> False"):
+        _run(images_dir, model, tmp_path / "int8")
+
+
+def test_int8_embedding_refuses_a_gpu_device(images_dir, model, tmp_path):
+    with pytest.raises(ValueError, match="CPU only.*--device cpu"):
+        _run(images_dir, model, tmp_path / "out", int8=True, device="cuda")
+    assert not (tmp_path / "out" / store.MANIFEST).exists()
+
+
 def test_empty_inputs_are_clear_errors(tmp_path, model):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.md").write_text("no images here")

@@ -90,6 +90,15 @@ def test_ray_engine_writes_the_local_engines_vectors_metadata_and_errors(inputs,
     assert store.read_manifest(tmp_path / "ray")["engine"] == "ray"
 
 
+def test_int8_ray_actors_quantise_as_the_local_engine_does(inputs, model_dir, tmp_path):
+    _run(inputs, model_dir, tmp_path / "local", int8=True)
+    _run(inputs, model_dir, tmp_path / "ray", engine="ray", workers=1, int8=True)
+    local_keys, local_vectors = _by_key(tmp_path / "local")
+    ray_keys, ray_vectors = _by_key(tmp_path / "ray")
+    assert ray_keys == local_keys and store.read_manifest(tmp_path / "ray")["int8"] is True
+    assert np.abs(ray_vectors - local_vectors).max() <= 1e-5
+
+
 def test_an_interrupted_ray_run_completes_only_the_missing_shards(inputs, model_dir, tmp_path, monkeypatch):
     real_write, written = embed_module.write_shard, []
 

@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--shard-size", type=int, default=None, help="images per shard (default: 10000; patch: ~256 MB)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--int8", action="store_true",
+                   help="CPU: run the blocks' linear layers in int8 (about 2x faster on AMX/VNNI CPUs; CLS cosine "
+                        "~0.998 to float32)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: this process (or torchrun's); ray: Ray Data tasks decode, a pool of model actors "
                         "embeds (needs dinokit[ray])")
@@ -103,7 +106,7 @@ def _embed(args) -> int:
                    dtype=args.dtype, image_size=args.image_size, batch_size=args.batch_size,
                    num_workers=args.num_workers, shard_size=args.shard_size, device=args.device,
                    progress=not args.quiet, engine=args.engine, ray_address=args.ray_address,
-                   workers=args.workers, gpus_per_worker=args.gpus_per_worker)
+                   workers=args.workers, gpus_per_worker=args.gpus_per_worker, int8=args.int8)
     return 0 if report.num_embedded else 1
 
 

@@ -11,6 +11,10 @@ How a run is organised, and why:
   errors.parquet with the reason; it never stops the run. Paths are stored as `display_path` text: bytes of a
   file name that are not UTF-8 are written as \\xNN (Parquet strings must be UTF-8). Shards therefore may hold fewer than `shard_size` rows; metadata row r always describes embedding row r.
 - DataLoader workers decode and resize while the model runs; on CUDA the model runs under bf16 autocast.
+- `int8=True` (CPU) runs a copy of the model whose blocks' Linear layers are int8 (`dinokit.int8`): about 2x the
+  float32 rate on CPUs with AMX or VNNI, CLS cosine ~0.998 to float32 (`benchmarks/int8_accuracy.py`). Activation
+  scales are taken per batch, so a vector depends slightly on its batch-mates; batches are the same in every kind
+  of run, so runs still reproduce. The manifest records it, and a resumed run must use the same setting.
 
 Preprocessing for `image_size` S (a multiple of the patch size): resize the short side to S * 256 / 224 (bicubic),
 centre crop S x S, ImageNet mean/std -- the DINOv2 evaluation transform, scaled; at 224 it is bit-identical to
@@ -287,7 +291,8 @@ def _human_bytes(n: float) -> str:
 
 def _settings_mismatch(old: dict, new: dict) -> list[str]:
     keys = ("format", "inputs_sha256", "num_files", "image_size", "pooling", "dtype", "normalized", "shard_size",
-            "batch_size")
+            "batch_size", "int8")
+    old = {"int8": False, **old}  # folders written before int8 existed are float32 runs
     changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
     if (old.get("model") or {}).get("weights_sha256") != new["model"]["weights_sha256"]:
         changes.append("model weights differ")
@@ -313,6 +318,7 @@ class Plan:
     out_dtype: type
     shape: tuple[int, ...]
     shard_metadata: bool  # WebDataset sources: key, url and caption columns in the metadata
+    int8: bool = False  # each engine quantises its own copy of the float model (`runnable_model`)
 
     def shard_range(self, shard: int) -> range:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.entries)))
@@ -329,7 +335,8 @@ class Plan:
 def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normalize: bool = False,
           dtype: str = "float32", image_size: int = 224, batch_size: int = 32, num_workers: int | None = None,
           shard_size: int | None = None, device: str = "auto", progress: bool = True, engine: str = "local",
-          ray_address: str | None = None, workers: int | None = None, gpus_per_worker: float = 0) -> EmbedReport:
+          ray_address: str | None = None, workers: int | None = None, gpus_per_worker: float = 0,
+          int8: bool = False) -> EmbedReport:
     """Embed the images of `inputs` (see `list_entries`) with `model` into `output_dir`; resumes an unfinished run.
 
     model: a dinokit model or anything `dinokit.load_model` accepts (directory, hub id, checkpoint, preset).
@@ -339,6 +346,7 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
     arguments: rank 0 writes the manifest and errors.parquet, and the result equals a one-process run) or "ray"
     (`dinokit.apps.embed_ray`: decoding as Ray tasks, the model in a pool of `workers` Ray actors with
     `gpus_per_worker` GPUs each, on the cluster at `ray_address` or a local one; same folder, same vectors).
+    int8: run the blocks' Linear layers in int8 (CPU only; see the module notes).
     """
     require("pyarrow", "pyarrow.parquet", purpose="writing an embedding folder")  # before anything is written
     if engine not in ENGINES:
@@ -357,6 +365,10 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
     lock = None
     try:
         device = select_device(device) if engine == "local" else torch.device("cpu")
+        if int8 and (device.type != "cpu" or gpus_per_worker):
+            raise ValueError(f"int8 embedding runs on the CPU only (its kernels are CPU kernels); got device "
+                             f"{device if device.type != 'cpu' else 'cuda (gpus_per_worker)'}. Pass --device cpu, "
+                             f"or drop --int8 (on a GPU the model runs in bf16).")
         if device.type == "cuda":
             if device.index is None:  # set_device refuses a bare "cuda"
                 device = torch.device("cuda", torch.cuda.current_device())
@@ -368,6 +380,7 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
         model = load(model)
         model = model.to(device).eval()
         _check_image_size(model, image_size)
+
         shape = feature_shape(model, pooling, image_size)
         bytes_per_image = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
         if shard_size is None:
@@ -376,7 +389,7 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
             raise ValueError(f"shard_size must be at least 1, got {shard_size}")
         num_shards = -(-len(entries) // shard_size)
         plan = Plan(entries, num_shards, shard_size, batch_size, image_size, pooling, normalize, DTYPES[dtype],
-                    shape, shard_metadata=any(e.tar is not None for e in entries))
+                    shape, shard_metadata=any(e.tar is not None for e in entries), int8=int8)
 
         manifest = {
             "format": FORMAT, "complete": False, "model": describe_model(model, spec),
@@ -385,7 +398,7 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
             "dim": shape[-1], "shape": list(shape), "dtype": dtype, "normalized": normalize,
             "num_files": len(entries), "num_shards": num_shards, "shard_size": shard_size, "batch_size": batch_size,
             "inputs_sha256": hashlib.sha256(b"\n".join(os.fsencode(e.key) for e in entries)).hexdigest(),
-            "engine": engine,
+            "engine": engine, "int8": bool(int8),
         }
         if rank == 0:
             _start_or_resume(output_dir, manifest)
@@ -398,7 +411,8 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
             f"{_human_bytes(bytes_per_image)} per image ({pooling}: {' x '.join(map(str, shape))} {dtype}), "
             f"up to {_human_bytes(bytes_per_image * len(entries))} in all"
             + (f"; resuming, {done_before} shard(s) already done" if done_before else "")
-            + (f"; {world} processes" if world > 1 else "") + ("; engine: ray" if engine == "ray" else ""))
+            + (f"; {world} processes" if world > 1 else "") + ("; engine: ray" if engine == "ray" else "")
+            + ("; int8 linear layers" if int8 else ""))
         if pooling == "patch":
             say(f"dinokit embed: patch grids are held one shard at a time in memory: "
                 f"up to {_human_bytes(bytes_per_image * min(shard_size, len(entries)))} per shard.")
@@ -450,9 +464,20 @@ def _start_or_resume(output_dir: Path, manifest: dict) -> None:
         store.write_manifest(output_dir, manifest)
 
 
+def runnable_model(model: nn.Module, int8: bool) -> nn.Module:
+    """The model as a run uses it: `model` itself, or its int8 copy. Quantised where it runs (in this process,
+    in each Ray actor), so the weights are packed for that process's kernels and every engine gives one result."""
+    if not int8:
+        return model
+    from dinokit.int8 import quantize_int8
+
+    return quantize_int8(model)
+
+
 def _embed_shards(plan: Plan, model, output_dir, shards, num_workers, device, show_progress) -> None:
     from tqdm.auto import tqdm
 
+    model = runnable_model(model, plan.int8)
     batches = [indices for _, indices in plan.batches(shards)]  # shard-aligned: the same batches in every run
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)

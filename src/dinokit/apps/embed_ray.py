@@ -118,7 +118,8 @@ def _pipeline(plan, model, shards, workers: int, gpus_per_worker: float):
     dataset = dataset.map(decode_row, fn_kwargs={"image_size": plan.image_size}, num_cpus=1,
                           compute=ray.data.TaskPoolStrategy(), max_retries=-1)
     return dataset.map_batches(
-        Embedder, fn_constructor_args=([model_ref], plan.pooling, plan.normalize, gpus_per_worker > 0, workers),
+        Embedder, fn_constructor_args=([model_ref], plan.pooling, plan.normalize, plan.int8, gpus_per_worker > 0,
+                                            workers),
         batch_size=1, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=1, num_gpus=gpus_per_worker or None, max_restarts=-1, max_task_retries=-1), model_ref
 
@@ -157,8 +158,10 @@ def decode_row(row: dict, image_size: int) -> dict:
 class Embedder:
     """One model per actor (loaded once, in `__init__`); called with one batch row at a time."""
 
-    def __init__(self, model_ref: list, pooling: str, normalize: bool, use_gpu: bool, workers: int):
+    def __init__(self, model_ref: list, pooling: str, normalize: bool, int8: bool, use_gpu: bool, workers: int):
         import ray
+
+        from dinokit.apps.embed import runnable_model
 
         # Put once by the driver (in a list, so that Ray leaves resolving it to us): every actor gets the very
         # weights the driver hashed into the manifest.
@@ -166,7 +169,7 @@ class Embedder:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":  # Ray pins one thread per logical CPU; the model may use its share
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-        self.model = model.to(self.device).eval()
+        self.model = runnable_model(model.to(self.device).eval(), int8)
         self.pooling, self.normalize = pooling, normalize
 
     def __call__(self, batch):
