@@ -2,9 +2,11 @@
 
 Methods, all in one process, on the same files, same model weights (ViT-S/14, random init) and batch size:
   dinokit      dinokit.apps.embed.embed(): DataLoader workers decode, shards written to disk (CLS pooling)
+  dinokit_int8   the same with int8=True (`dinokit embed --int8`: the blocks' Linear layers in int8)
   pipeline     transformers pipeline("image-feature-extraction", pool=True) over the file paths
   hand_loop    transformers AutoImageProcessor + AutoModel in a plain loop: open, preprocess, forward
   model_only   dinokit's model on the same batches, images decoded and preprocessed beforehand (not timed)
+  model_only_int8  dinokit's int8 copy likewise (the rate dinokit_int8 is a share of)
   hf_model_only  transformers' model likewise: separates the model's speed from the pipeline's overhead
 The files are split into --rounds parts; each round runs every method on its part, in rotating order, so that
 load from other processes on a shared machine hits all methods alike. Rates are images / wall-clock second.
@@ -41,12 +43,13 @@ def _cpu_seconds() -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- methods
-def run_dinokit(files, model, batch_size, num_workers, scratch: Path) -> None:
+def run_dinokit(files, model, batch_size, num_workers, scratch: Path, int8: bool = False) -> None:
     from dinokit.apps.embed import embed
 
     out = scratch / "dinokit_out"
     shutil.rmtree(out, ignore_errors=True)
-    embed(files, model, out, pooling="cls", batch_size=batch_size, num_workers=num_workers, progress=False)
+    embed(files, model, out, pooling="cls", batch_size=batch_size, num_workers=num_workers, progress=False,
+          int8=int8)
 
 
 def run_pipeline(files, pipe, batch_size) -> None:
@@ -94,7 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=None, help="dinokit decoding workers (default: cores)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaving rounds")
-    parser.add_argument("--methods", default="dinokit,pipeline,hand_loop,model_only,hf_model_only")
+    parser.add_argument("--methods", default="dinokit,dinokit_int8,pipeline,hand_loop,model_only,model_only_int8,"
+                                              "hf_model_only")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -103,6 +107,7 @@ def main(argv=None) -> int:
 
     from dinokit import load_model
     from dinokit.apps.embed import list_images
+    from dinokit.int8 import quantize_int8
     from dinokit.processing import Dinov2ImageProcessor
 
     files = list_images(args.data)
@@ -116,6 +121,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     model = load_model("vits14").eval()
+    int8_model = quantize_int8(model) if "model_only_int8" in args.methods else None
     scratch = Path(tempfile.mkdtemp(prefix="embed_bench_"))
     try:
         model.save_pretrained(scratch / "model")
@@ -128,9 +134,11 @@ def main(argv=None) -> int:
         pixels = {r: None for r in range(args.rounds)}
         calls = {
             "dinokit": lambda fs, r: run_dinokit(fs, model, args.batch_size, args.num_workers, scratch),
+            "dinokit_int8": lambda fs, r: run_dinokit(fs, model, args.batch_size, args.num_workers, scratch, True),
             "pipeline": lambda fs, r: run_pipeline(fs, pipe, args.batch_size),
             "hand_loop": lambda fs, r: run_hand_loop(fs, hf_model, processor, args.batch_size),
             "model_only": lambda fs, r: run_model_only(pixels[r], model, args.batch_size),
+            "model_only_int8": lambda fs, r: run_model_only(pixels[r], int8_model, args.batch_size),
             "hf_model_only": lambda fs, r: run_hf_model_only(pixels[r], hf_model, args.batch_size),
         }
         # Warm-up: one batch each (kernel selection, allocator, worker start-up code paths).
@@ -143,7 +151,7 @@ def main(argv=None) -> int:
         cpu = {m: 0.0 for m in methods}
         peak = {m: 0.0 for m in methods}
         for r, part in enumerate(parts):
-            if {"model_only", "hf_model_only"} & set(methods):
+            if {"model_only", "model_only_int8", "hf_model_only"} & set(methods):
                 pixels[r] = decode_all(part)
             order = methods[r % len(methods):] + methods[: r % len(methods)]
             for name in order:
@@ -154,30 +162,31 @@ def main(argv=None) -> int:
                     cpu[name] += _cpu_seconds() - cpu_start
                 seconds[name] += elapsed
                 peak[name] = max(peak[name], memory.peak_mb)
-                print(f"  round {r + 1}/{args.rounds} {name:13s} {len(part) / elapsed:6.2f} img/s", flush=True)
+                print(f"  round {r + 1}/{args.rounds} {name:15s} {len(part) / elapsed:6.2f} img/s", flush=True)
             pixels[r] = None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     rate = {m: len(files) / seconds[m] for m in methods}
     cpu_ms = {m: 1000 * cpu[m] / len(files) for m in methods}
-    print(f"\n{'method':14s} {'img/s':>8s} {'CPU ms/img':>11s} {'peak MB':>9s}")
+    print(f"\n{'method':16s} {'img/s':>8s} {'CPU ms/img':>11s} {'peak MB':>9s}")
     for m in methods:
-        print(f"{m:14s} {rate[m]:8.2f} {cpu_ms[m]:11.0f} {peak[m]:9.0f}")
+        print(f"{m:16s} {rate[m]:8.2f} {cpu_ms[m]:11.0f} {peak[m]:9.0f}")
     ratios = {}
-    if "dinokit" in rate:
-        for other in ("pipeline", "hand_loop"):
-            if other in rate:
-                ratios[f"dinokit / {other}"] = rate["dinokit"] / rate[other]
-        if "model_only" in rate:
-            ratios["dinokit / model_only"] = rate["dinokit"] / rate["model_only"]
+    for ours, alone in (("dinokit", "model_only"), ("dinokit_int8", "model_only_int8")):
+        if ours in rate:
+            for other in ("pipeline", "hand_loop"):
+                if other in rate:
+                    ratios[f"{ours} / {other}"] = rate[ours] / rate[other]
+            if alone in rate:
+                ratios[f"{ours} / {alone}"] = rate[ours] / rate[alone]
     if "pipeline" in rate and "hf_model_only" in rate:
         ratios["pipeline / hf_model_only"] = rate["pipeline"] / rate["hf_model_only"]
     if "model_only" in rate and "hf_model_only" in rate:
         ratios["model_only / hf_model_only"] = rate["model_only"] / rate["hf_model_only"]
     for name, value in ratios.items():
-        shares = ("dinokit / model_only", "pipeline / hf_model_only")
-        print(f"{name:28s} {value:6.1%}" if name in shares else f"{name:28s} {value:6.2f}x")
+        shares = ("dinokit / model_only", "dinokit_int8 / model_only_int8", "pipeline / hf_model_only")
+        print(f"{name:32s} {value:6.1%}" if name in shares else f"{name:32s} {value:6.2f}x")
     cpu_share = cpu_ms.get("model_only", 0) / cpu_ms["dinokit"] if "dinokit" in cpu_ms else 0
     if cpu_share:
         print(f"{'dinokit / model_only (CPU)':28s} {cpu_share:6.1%}  (model-only CPU time / end-to-end CPU time)")

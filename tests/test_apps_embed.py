@@ -176,6 +176,32 @@ def test_int8_embedding_refuses_a_gpu_device(images_dir, model, tmp_path):
     assert not (tmp_path / "out" / store.MANIFEST).exists()
 
 
+def test_decoding_workers_of_a_cpu_model_run_below_the_models_priority(images_dir, model, tmp_path, monkeypatch):
+    import importlib
+
+    embed_module = importlib.import_module("dinokit.apps.embed")
+    real_decode, seen = embed_module.decode, tmp_path / "niceness.txt"
+
+    def decode_and_note_priority(item, transform):  # runs in the (forked) worker
+        with open(seen, "a") as f:
+            f.write(f"{os.getpid()} {os.nice(0)}\n")
+        return real_decode(item, transform)
+
+    monkeypatch.setattr(embed_module, "decode", decode_and_note_priority)
+    _run(images_dir, model, tmp_path / "out", num_workers=1)
+    workers = {line.split()[0]: int(line.split()[1]) for line in seen.read_text().splitlines()}
+    assert str(os.getpid()) not in workers and len(workers) == 1
+    assert set(workers.values()) == {min(19, os.nice(0) + embed_module.DECODE_NICENESS)}  # 19: the lowest
+
+
+def test_default_decoding_workers_leave_a_cpu_model_its_cores(monkeypatch):
+    from dinokit.apps.embed import default_num_workers
+
+    for cores, cpu, gpu in ((1, 1, 1), (2, 1, 2), (16, 8, 8), (64, 8, 8)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert (default_num_workers(torch.device("cpu")), default_num_workers(torch.device("cuda"))) == (cpu, gpu)
+
+
 def test_empty_inputs_are_clear_errors(tmp_path, model):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.md").write_text("no images here")

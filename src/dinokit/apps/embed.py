@@ -341,7 +341,8 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
 
     model: a dinokit model or anything `dinokit.load_model` accepts (directory, hub id, checkpoint, preset).
     shard_size: images per shard (default 10,000; for "patch" about 256 MB of features per shard).
-    num_workers: decoding processes (default: the number of CPU cores, at most 8).
+    num_workers: decoding processes (default `default_num_workers`: all cores up to 8 for a GPU model, half of
+    them for a CPU model; they run at a lower priority than a CPU model's threads).
     engine: "local" (this process, DataLoader workers; under `torchrun`, call it in every process with the same
     arguments: rank 0 writes the manifest and errors.parquet, and the result equals a one-process run) or "ray"
     (`dinokit.apps.embed_ray`: decoding as Ray tasks, the model in a pool of `workers` Ray actors with
@@ -474,16 +475,36 @@ def runnable_model(model: nn.Module, int8: bool) -> nn.Module:
     return quantize_int8(model)
 
 
+DECODE_NICENESS = 5
+
+
+def default_num_workers(device: torch.device) -> int:
+    """Decoding processes: on a GPU every core may decode (up to 8); on the CPU the model needs the cores and
+    decoding is a few percent of the work, so half of them (at least one) keep it fed."""
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type != "cpu" else max(1, min(8, cores // 2))
+
+
+def _yield_to_the_model(worker_id: int) -> None:
+    """Decoding workers run at a lower priority than the CPU model's threads: a model thread preempted by a
+    decoder stalls every other model thread at the next barrier, so decoding should fill idle time instead."""
+    try:
+        os.nice(DECODE_NICENESS)
+    except OSError:  # not permitted here: run at the normal priority
+        pass
+
+
 def _embed_shards(plan: Plan, model, output_dir, shards, num_workers, device, show_progress) -> None:
     from tqdm.auto import tqdm
 
     model = runnable_model(model, plan.int8)
     batches = [indices for _, indices in plan.batches(shards)]  # shard-aligned: the same batches in every run
     if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
+        num_workers = default_num_workers(device)
     loader = DataLoader(ImageFiles(plan.entries, eval_transform(plan.image_size)), batch_sampler=batches,
                         collate_fn=collate, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False,
+                        worker_init_fn=_yield_to_the_model if device.type == "cpu" else None)
     total = sum(len(plan.shard_range(s)) for s in shards)
     bar = tqdm(total=total, unit="img", desc="embed", disable=not show_progress, smoothing=0.1, dynamic_ncols=True)
 
