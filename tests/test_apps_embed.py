@@ -192,6 +192,9 @@ def test_decoding_workers_of_a_cpu_model_run_below_the_models_priority(images_di
     workers = {line.split()[0]: int(line.split()[1]) for line in seen.read_text().splitlines()}
     assert str(os.getpid()) not in workers and len(workers) == 1
     assert set(workers.values()) == {min(19, os.nice(0) + embed_module.DECODE_NICENESS)}  # 19: the lowest
+    import gc
+
+    assert gc.get_freeze_count() == 0  # objects frozen for the fork are unfrozen in this process again
 
 
 def test_default_decoding_workers_leave_a_cpu_model_its_cores(monkeypatch):

@@ -27,6 +27,7 @@ Pooling: "cls" (the CLS token after the final norm), "mean" (mean of the patch t
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import sys
@@ -478,6 +479,21 @@ def runnable_model(model: nn.Module, int8: bool) -> nn.Module:
 DECODE_NICENESS = 5
 
 
+def _without_copy_on_write(loader: DataLoader):
+    """Iterate `loader` with this process's Python objects frozen while its workers fork: otherwise the first
+    garbage collection in each worker writes to every object's header and copies the parent's whole Python heap
+    into the worker (hundreds of MB per worker in a process that has imported transformers)."""
+    if not loader.num_workers:
+        yield from loader
+        return
+    gc.freeze()
+    try:
+        iterator = iter(loader)  # the workers fork here
+    finally:
+        gc.unfreeze()
+    yield from iterator
+
+
 def default_num_workers(device: torch.device) -> int:
     """Decoding processes: on a GPU every core may decode (up to 8); on the CPU the model needs the cores and
     decoding is a few percent of the work, so half of them (at least one) keep it fed."""
@@ -509,7 +525,7 @@ def _embed_shards(plan: Plan, model, output_dir, shards, num_workers, device, sh
     bar = tqdm(total=total, unit="img", desc="embed", disable=not show_progress, smoothing=0.1, dynamic_ncols=True)
 
     current, parts = None, []
-    for batch in loader:
+    for batch in _without_copy_on_write(loader):
         shard = (batch.indices or [i for i, _ in batch.failed])[0] // plan.shard_size
         if current is None:
             current = shard
