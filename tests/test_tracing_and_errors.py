@@ -48,6 +48,21 @@ def test_cached_position_embeddings_follow_weight_updates():
         assert max_diff(after, before) > 1e-3
 
 
+def test_a_model_cast_inside_inference_mode_runs_and_follows_in_place_updates():
+    import copy
+
+    model = randomize_(dinokit.Dinov2Model(small_config()), seed=35).eval()
+    x = images(1, 56, 70, seed=36)  # not the native grid: the position table is resampled
+    with torch.no_grad():
+        reference = model.double()(x.double()).last_hidden_state
+    model.float()
+    with torch.inference_mode():
+        cast = copy.deepcopy(model).double()  # its tables are inference tensors: no version counter
+        assert max_diff(cast(x.double()).last_hidden_state, reference) == 0.0
+        cast.vit.pos_embed.mul_(2.0)
+        assert max_diff(cast(x.double()).last_hidden_state, reference) > 1e-3  # not a stale cached grid
+
+
 def test_wrong_channel_count_is_a_clear_error():
     model = dinokit.Dinov2Model(small_config())
     with pytest.raises(ValueError, match=r"expected pixel_values of shape \(batch, 3, height, width\)"):

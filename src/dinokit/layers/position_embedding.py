@@ -52,7 +52,8 @@ class PositionEmbedding:
     """Per-grid cache of resampled position embeddings for inference (resampling every forward is wasted work).
 
     Entries are keyed by the grid and by the table's identity and version counter, so any in-place update of
-    the weights (load_state_dict, an optimizer step) invalidates them; training and traced graphs never cache.
+    the weights (load_state_dict, an optimizer step) invalidates them; training, traced graphs and tables created
+    inside inference_mode (no version counter) never cache.
     """
 
     def __init__(self, offset: float = 0.0, antialias: bool = False, max_entries: int = 16) -> None:
@@ -67,7 +68,9 @@ class PositionEmbedding:
         # The references return the table untouched at the native grid of a square input (never while tracing).
         if not tracing and grid_h * grid_w == side * side and height == width:
             return pos_embed
-        if tracing or training or torch.is_grad_enabled() and pos_embed.requires_grad:
+        # A table made inside inference_mode (a model copied or cast there) has no version counter, so a cached
+        # entry could not notice an in-place change: resample it every time instead.
+        if tracing or training or torch.is_grad_enabled() and pos_embed.requires_grad or pos_embed.is_inference():
             return interpolate_pos_embed(pos_embed, grid_h, grid_w, self.offset, self.antialias)
         key = (int(grid_h), int(grid_w), pos_embed.data_ptr(), pos_embed._version, pos_embed.dtype, pos_embed.device)
         cached = self._cache.get(key)
