@@ -200,7 +200,7 @@ def test_decoding_workers_of_a_cpu_model_run_below_the_models_priority(images_di
 def test_default_decoding_workers_leave_a_cpu_model_its_cores(monkeypatch):
     from dinokit.apps.embed import default_num_workers
 
-    for cores, cpu, gpu in ((1, 1, 1), (2, 1, 2), (16, 8, 8), (64, 8, 8)):
+    for cores, cpu, gpu in ((1, 0, 1), (2, 0, 2), (4, 0, 4), (8, 1, 8), (16, 2, 8), (128, 8, 8)):
         monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
         assert (default_num_workers(torch.device("cpu")), default_num_workers(torch.device("cuda"))) == (cpu, gpu)
 

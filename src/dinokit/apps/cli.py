@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--image-size", type=int, default=224, help="crop size, a multiple of 14")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=None,
-                   help="decoding processes (default: CPU cores up to 8 for a GPU model, half of them for a CPU one)")
+                   help="decoding processes (default: CPU cores up to 8 for a GPU model; for a CPU model 0 "
+                        "(decode between batches) on up to 4 cores, else one per 8 cores)")
     p.add_argument("--shard-size", type=int, default=None, help="images per shard (default: 10000; patch: ~256 MB)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
