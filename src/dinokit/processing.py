@@ -208,7 +208,9 @@ def _center_crop(chw: np.ndarray, crop_height: int, crop_width: int) -> np.ndarr
     (top_pad, bottom_pad, left_pad, right_pad), top, left = crop_box(*chw.shape[-2:], crop_height, crop_width)
     if top_pad or bottom_pad or left_pad or right_pad:
         chw = np.pad(chw, ((0, 0), (top_pad, bottom_pad), (left_pad, right_pad)))
-    return chw[:, top:top + crop_height, left:left + crop_width]
+    # Contiguous (C, H, W): the channels-first view of PIL's (H, W, C) pixels makes every later float pass ~3x
+    # slower, and copying the small uint8 crop costs less than that.
+    return np.ascontiguousarray(chw[:, top:top + crop_height, left:left + crop_width])
 
 
 def _normalize(chw: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
