@@ -1,7 +1,8 @@
 """End-to-end embedding throughput: `dinokit embed` vs transformers, and vs dinokit's own model-only rate.
 
 Methods, all in one process, on the same files, same model weights (ViT-S/14, random init) and batch size:
-  dinokit      dinokit.apps.embed.embed(): DataLoader workers decode, shards written to disk (CLS pooling)
+  dinokit      dinokit.apps.embed.embed() with its default decoding (`default_num_workers`), shards written to
+               disk (CLS pooling)
   dinokit_int8   the same with int8=True (`dinokit embed --int8`: the blocks' Linear layers in int8)
   pipeline     transformers pipeline("image-feature-extraction", pool=True) over the file paths
   hand_loop    transformers AutoImageProcessor + AutoModel in a plain loop: open, preprocess, forward
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder of images (default imagenette/val)")
     parser.add_argument("--limit", type=int, default=None, help="use this many images (spread over the classes)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=None, help="dinokit decoding workers (default: cores)")
+    parser.add_argument("--num-workers", type=int, default=None, help="dinokit decoding workers (default: embed's own)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaving rounds")
     parser.add_argument("--methods", default="dinokit,dinokit_int8,pipeline,hand_loop,model_only,model_only_int8,"
                                               "hf_model_only")

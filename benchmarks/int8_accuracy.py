@@ -39,6 +39,7 @@ def backends_for(model, names: list[str]) -> dict:
 
 def main() -> None:
     import dinokit
+    from dinokit.backends import get_backend
     from dinokit.export.quantize import agreement, folder_images, knn_delta
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -59,7 +60,7 @@ def main() -> None:
     for preset in args.models:
         torch.manual_seed(0)
         model = dinokit.load_model(preset).eval()
-        fp32 = backends_for(model, ["torch"])["torch"]
+        fp32 = get_backend(model, "torch")
         for name, backend in backends_for(model, args.backends).items():
             started = time.perf_counter()
             agree = agreement(fp32, backend, pixels, source=f"{folder.parent.name}/{folder.name} images")

@@ -368,9 +368,9 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
     try:
         device = select_device(device) if engine == "local" else torch.device("cpu")
         if int8 and (device.type != "cpu" or gpus_per_worker):
-            raise ValueError(f"int8 embedding runs on the CPU only (its kernels are CPU kernels); got device "
-                             f"{device if device.type != 'cpu' else 'cuda (gpus_per_worker)'}. Pass --device cpu, "
-                             f"or drop --int8 (on a GPU the model runs in bf16).")
+            where = f"device {device}" if device.type != "cpu" else f"gpus_per_worker={gpus_per_worker}"
+            raise ValueError(f"int8 embedding runs on the CPU only (its kernels are CPU kernels); got {where}. "
+                             f"Pass --device cpu, or drop --int8 (on a GPU the model runs in bf16).")
         if device.type == "cuda":
             if device.index is None:  # set_device refuses a bare "cuda"
                 device = torch.device("cuda", torch.cuda.current_device())
@@ -382,7 +382,6 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
         model = load(model)
         model = model.to(device).eval()
         _check_image_size(model, image_size)
-
         shape = feature_shape(model, pooling, image_size)
         bytes_per_image = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
         if shard_size is None:

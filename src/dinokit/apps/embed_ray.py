@@ -118,8 +118,8 @@ def _pipeline(plan, model, shards, workers: int, gpus_per_worker: float):
     dataset = dataset.map(decode_row, fn_kwargs={"image_size": plan.image_size}, num_cpus=1,
                           compute=ray.data.TaskPoolStrategy(), max_retries=-1)
     return dataset.map_batches(
-        Embedder, fn_constructor_args=([model_ref], plan.pooling, plan.normalize, plan.int8, gpus_per_worker > 0,
-                                            workers),
+        Embedder,
+        fn_constructor_args=([model_ref], plan.pooling, plan.normalize, plan.int8, gpus_per_worker > 0, workers),
         batch_size=1, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=1, num_gpus=gpus_per_worker or None, max_restarts=-1, max_task_retries=-1), model_ref
 
