@@ -104,6 +104,27 @@ def test_fused_linear_matches_plain_linear_and_can_be_disabled():
     assert max_diff(fast, plain) < 1e-5
 
 
+def test_cpu_inference_splits_large_batches_into_token_chunks_with_the_same_result(monkeypatch):
+    # A batch above CPU_TOKENS_PER_CHUNK tokens runs each block on whole-image sub-batches (cache-sized GEMMs);
+    # the output must equal the unsplit batch, in order, and the split must really happen.
+    from dinokit.layers import block as block_module
+
+    model = randomize_(dinokit.Dinov2Model(small_config(registers=4)), seed=43).eval()
+    x = images(5, 56, 56)  # 1 + 4 + 16 = 21 tokens per image
+    with torch.no_grad():
+        whole = model(x).last_hidden_state
+        sizes = []
+        first_block = next(m for m in model.modules() if isinstance(m, Block))
+        original = block_module.Block._fused_forward
+        monkeypatch.setattr(block_module.Block, "_fused_forward",
+                            lambda self, t: (sizes.append(t.shape[0]) if self is first_block else None)
+                            or original(self, t))
+        monkeypatch.setattr(block_module, "CPU_TOKENS_PER_CHUNK", 2 * 21 + 5)
+        split = model(x).last_hidden_state
+    assert sizes == [2, 2, 1]
+    assert max_diff(split, whole) < 1e-5
+
+
 def test_onednn_linear_gradients_match_f_linear_in_training():
     # The CPU training path routes forward and input gradient through oneDNN: values and all three gradients
     # must equal F.linear's at float32 rounding level, for 3-D inputs and with the activation applied after.

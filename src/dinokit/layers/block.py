@@ -15,6 +15,11 @@ from dinokit.layers.position_embedding import is_tracing
 # Above this rate, training drops a random subset of the batch instead of masking samples (training.md §5).
 BATCH_SUBSET_DROP_PATH_ABOVE = 0.1
 
+# CPU inference runs a block on sub-batches of at most this many tokens (whole images, at least one): the GEMMs
+# stay in their cache-friendly regime (oneDNN fp32 on a 2-core EPYC: ~195 GFLOP/s at 2k rows, ~140 at 11k;
+# ViT-S 224 x32: 10.0 -> 12.3 img/s). Rows are independent, so the result is the same function.
+CPU_TOKENS_PER_CHUNK = 2800
+
 
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -60,6 +65,13 @@ class Block(nn.Module):
         return x
 
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        per_chunk = max(1, CPU_TOKENS_PER_CHUNK // N)
+        if x.device.type == "cpu" and B > per_chunk:
+            return torch.cat([self._fused_forward(chunk) for chunk in x.split(per_chunk)])
+        return self._fused_forward(x)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same block with the residual adds fused into the output projections (no grad, no drop path).
 
         `x + ls1(proj(attn))` is one GEMM accumulating into a fresh copy of the stream, and the FFN's
