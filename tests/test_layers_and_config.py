@@ -125,6 +125,43 @@ def test_cpu_inference_splits_large_batches_into_token_chunks_with_the_same_resu
     assert max_diff(split, whole) < 1e-5
 
 
+def test_packed_onednn_weights_follow_in_place_changes_and_reloads(monkeypatch):
+    # Inference caches each layer's packed (LayerScale-folded) weight; a weight or gain changed in place, or a
+    # new state dict, must be seen at the next call, exactly as the unpacked path sees it.
+    monkeypatch.setattr(fused, "_PLAIN_GEMM", "onednn")
+    model = randomize_(dinokit.Dinov2Model(small_config()), seed=44).eval()
+    x = images(2, 56, 56)
+
+    def plain():
+        fused.set_fast_linear(False)
+        try:
+            return model(x).last_hidden_state
+        finally:
+            fused.set_fast_linear(True)
+
+    block = next(m for m in model.modules() if isinstance(m, Block))
+    with torch.no_grad():
+        assert max_diff(model(x).last_hidden_state, plain()) < 1e-5
+        assert block.attn.proj in fused._packed_cache
+        block.attn.proj.weight.mul_(3.0)
+        block.ls1.gamma.add_(0.5)
+        block.mlp.fc1.bias.sub_(1.0)
+        assert max_diff(model(x).last_hidden_state, plain()) < 1e-5
+        other = randomize_(dinokit.Dinov2Model(small_config()), seed=45)
+        model.load_state_dict(other.state_dict())
+        assert max_diff(model(x).last_hidden_state, other.eval()(x).last_hidden_state) < 1e-5
+
+
+def test_packed_weight_cache_stays_within_its_memory_budget(monkeypatch):
+    monkeypatch.setattr(fused, "_PLAIN_GEMM", "onednn")
+    monkeypatch.setattr(fused, "_PACKED_BUDGET", 0)
+    model = randomize_(dinokit.Dinov2Model(small_config()), seed=46).eval()
+    fused._packed_cache.clear()
+    with torch.no_grad():
+        model(images(1, 56, 56))
+    assert len(fused._packed_cache) == 0
+
+
 def test_onednn_linear_gradients_match_f_linear_in_training():
     # The CPU training path routes forward and input gradient through oneDNN: values and all three gradients
     # must equal F.linear's at float32 rounding level, for 3-D inputs and with the activation applied after.
