@@ -145,6 +145,8 @@ def linear(x: torch.Tensor, layer: torch.nn.Module, act: torch.nn.Module | None 
     (e.g. an int8 dynamically quantised one) is simply called."""
     if not isinstance(layer, torch.nn.Linear):
         y = layer(x)
+        if isinstance(act, torch.nn.GELU) and not torch.is_grad_enabled() and not is_tracing():
+            return torch.ops.aten.gelu_(y, approximate=act.approximate)  # no second hidden-size tensor
         return act(y) if act is not None else y
     if _usable(x, layer.weight):
         if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
