@@ -144,23 +144,27 @@ def linear(x: torch.Tensor, layer: torch.nn.Module, act: torch.nn.Module | None 
     """`act(layer(x))`, fused on CPU at inference; `act` may be None. A layer that is not a float `nn.Linear`
     (e.g. an int8 dynamically quantised one) is simply called."""
     if not isinstance(layer, torch.nn.Linear):
-        y = layer(x)
-        if isinstance(act, torch.nn.GELU) and not torch.is_grad_enabled() and not is_tracing():
-            return torch.ops.aten.gelu_(y, approximate=act.approximate)  # no second hidden-size tensor
-        return act(y) if act is not None else y
+        return _activate(layer(x), act)
     if _usable(x, layer.weight):
         if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
             y = _OneDnnLinear.apply(x, layer.weight, layer.bias)
             return act(y) if act is not None else y
         post = post_op_name(act)
         if _PLAIN_GEMM == "mkl":
-            y = F.linear(x, layer.weight, layer.bias)
-            return act(y) if act is not None else y
+            return _activate(F.linear(x, layer.weight, layer.bias), act)
         if act is None or post is not None:
             attr, algorithm = _POST_OPS[post] if post else ("none", "")
             weight, bias = _packed_weights(layer, None, x.numel() // x.shape[-1])
             return _OP(x, weight, bias, attr, [], algorithm)
     y = F.linear(x, layer.weight, layer.bias)
+    return act(y) if act is not None else y
+
+
+def _activate(y: torch.Tensor, act: torch.nn.Module | None) -> torch.Tensor:
+    """`act(y)`; a GELU at inference runs in place on the fresh product (no second hidden-size tensor: on a
+    2-core EPYC, GELU at ViT-S 224 x8 took 7.5 ms a block out of place, 1.6 ms in place)."""
+    if isinstance(act, torch.nn.GELU) and not torch.is_grad_enabled() and not is_tracing():
+        return torch.ops.aten.gelu_(y, approximate=act.approximate)
     return act(y) if act is not None else y
 
 
