@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/inference.py                       # ViT-S/14 and ViT-B/14, fp32, every backend
     .venv/bin/python benchmarks/inference.py --backends torch --no-memory   # the default path vs the peers only
     .venv/bin/python benchmarks/inference.py --models vits14 --rounds 3 --no-compile   # quick look
+    .venv/bin/python benchmarks/inference.py --summarize run1.json run2.json run3.json  # the runs side by side
 
 This is the one CPU inference benchmark (it replaced core_throughput.py, whose back-to-back calls without
 pauses and different thread handling gave other ratios). For each model and setting (224x224 batch 8, 518x518
@@ -285,6 +286,41 @@ def print_tables(results: dict) -> None:
         print("\n(no GPU: CUDA section skipped)")
 
 
+def summarize(paths: list[str]) -> str:
+    """Markdown tables of several runs' --json output side by side: per dinokit backend, its ratio to the faster
+    peer (median and min-max over rounds) in each run, then every implementation's ratio to transformers."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    keys = list(dict.fromkeys((c["model"], c["size"], c["batch"]) for run in runs for c in run["cells"]))
+    impls = list(dict.fromkeys(c["impl"] for run in runs for c in run["cells"]))
+    header = " | ".join(f"run {i + 1}" for i in range(len(runs)))
+    lines = [f"Runs: {', '.join(paths)} ({runs[0]['threads']} threads, {runs[0]['rounds']} interleaved rounds each)"]
+
+    def cell(run, key, impl):
+        return next((c for c in run["cells"] if (c["model"], c["size"], c["batch"]) == key and c["impl"] == impl),
+                    None)
+
+    for impl in (i for i in impls if i.startswith("dinokit")):
+        lines += ["", f"{impl} / faster peer (timm or transformers), per-round ratio: median (min-max)", "",
+                  f"| model | setting | {header} |", "|---|---|" + "---|" * len(runs)]
+        for model, size, batch in keys:
+            ratios = []
+            for run in runs:
+                c = cell(run, (model, size, batch), impl)
+                ratios.append(f"{c['ratio_to_peer'][1]:.2f}x ({c['ratio_to_peer'][0]:.2f}-{c['ratio_to_peer'][2]:.2f})"
+                              if c else "-")
+            lines.append(f"| {model} | {size}x{batch} | {' | '.join(ratios)} |")
+    lines += ["", "img/s (median over rounds) and speed relative to transformers (SDPA), per run", "",
+              f"| model | setting | implementation | {header} |", "|---|---|---|" + "---|" * len(runs)]
+    for key in keys:
+        for impl in impls:
+            values = []
+            for run in runs:
+                c, base = cell(run, key, impl), cell(run, key, "transformers (sdpa)")
+                values.append(f"{c['img_s']:.2f} ({c['img_s'] / base['img_s']:.2f}x)" if c and base else "-")
+            lines.append(f"| {key[0]} | {key[1]}x{key[2]} | {impl} | {' | '.join(values)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["vits14", "vitb14"], choices=sorted(TIMM_NAMES))
@@ -296,6 +332,8 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                        help="print the tables of these runs' --json files side by side, then exit")
     # internal: one memory measurement in a subprocess
     parser.add_argument("--memory-impl", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--preset", default=None, help=argparse.SUPPRESS)
@@ -306,6 +344,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory_impl:
         measure_memory_child(args)
+        return
+    if args.summarize:
+        print(summarize(args.summarize))
         return
     args.backends = args.backends or [b for b in BACKENDS if args.compile or b != "compile"]
     args.settings = [tuple(int(v) for v in s.split("x")) for s in args.settings] if args.settings else SETTINGS
