@@ -147,6 +147,9 @@ def test_packed_onednn_weights_follow_in_place_changes_and_reloads(monkeypatch):
         block.ls1.gamma.add_(0.5)
         block.mlp.fc1.bias.sub_(1.0)
         assert max_diff(model(x).last_hidden_state, plain()) < 1e-5
+        # the same projection without its gain (the attention-weights path) must not reuse the folded weights
+        with_attention = model(x, output_attentions=True).last_hidden_state
+        assert max_diff(with_attention, plain()) < 1e-5
         other = randomize_(dinokit.Dinov2Model(small_config()), seed=45)
         model.load_state_dict(other.state_dict())
         assert max_diff(model(x).last_hidden_state, other.eval()(x).last_hidden_state) < 1e-5

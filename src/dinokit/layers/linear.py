@@ -89,7 +89,14 @@ def _packed_weights(layer: torch.nn.Linear, gamma: torch.Tensor | None, rows: in
 
 
 def _same(old: list, new: list) -> bool:
-    return all(a == b if not a else (a[0]() is b[0]() is not None and a[1] == b[1]) for a, b in zip(old, new))
+    """Whether two `_identity` lists name the same live tensors at the same versions (() matches only ())."""
+    for a, b in zip(old, new):
+        if not a or not b:
+            if a != b:
+                return False
+        elif not (a[0]() is b[0]() is not None and a[1] == b[1]):
+            return False
+    return True
 
 
 def set_fast_linear(enabled: bool) -> None:
