@@ -17,22 +17,13 @@ import torch
 from torch import nn
 
 from dinokit.layers.layer_scale import LayerScale
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+from dinokit.layers.linear import cpuinfo
 
 
 def int8_engine() -> str:
     """The quantised-kernel engine for this CPU: 'onednn' with AMX int8, else 'x86' (or what this build has)."""
     engines = torch.backends.quantized.supported_engines
-    if "amx_int8" in _cpu_flags() and "onednn" in engines:
+    if "amx_int8" in cpuinfo("flags").split() and "onednn" in engines:
         return "onednn"
     for engine in ("x86", "fbgemm", "qnnpack"):
         if engine in engines:

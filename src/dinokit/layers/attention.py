@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinokit.layers.linear import cpu_vendor, linear
+from dinokit.layers.linear import ON_INTEL, linear
 from dinokit.layers.position_embedding import is_tracing
 
 # The CPU flash kernel is ~20% faster on contiguous heads than on strided views on Intel (a copy costs less than
 # that); on AMD (EPYC) the strided views are as fast or faster (ViT-S 224 x8: 9.3 vs 10.5 ms with the copy).
-_CONTIGUOUS_CPU_HEADS = cpu_vendor() == "GenuineIntel"
+_CONTIGUOUS_CPU_HEADS = ON_INTEL
 
 
 class Attention(nn.Module):

@@ -33,19 +33,22 @@ _OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _enabled = os.environ.get("DINOKIT_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
 
 
-def cpu_vendor() -> str:
+def cpuinfo(field: str) -> str:
+    """The value of `field` ("vendor_id", "flags", ...) for the first CPU in /proc/cpuinfo; "" where unreadable."""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("vendor_id"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
 
 
+ON_INTEL = cpuinfo("vendor_id") == "GenuineIntel"
+
 # MKL is the faster plain GEMM on Intel CPUs (and only there); DINOKIT_GEMM=mkl|onednn overrides the choice.
 _PLAIN_GEMM = os.environ.get("DINOKIT_GEMM") or (
-    "mkl" if cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn")
+    "mkl" if ON_INTEL and torch.backends.mkl.is_available() else "onednn")
 
 # activation module class name -> (oneDNN post-op, its algorithm argument)
 _POST_OPS = {"GELU:none": ("gelu", "none"), "GELU:tanh": ("gelu", "tanh"), "ReLU": ("relu", ""),
