@@ -4,6 +4,7 @@ in a real headless Chromium against a real `dinokit serve` process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -13,7 +14,9 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +42,7 @@ from dinokit.apps.serve.uploads import ImageTooLarge, UnreadableImage, decode_up
 
 SIZE = 28  # 2 x 2 patches
 NUM_IMAGES = 14
+MARKUP_NAME = "<img src=x onerror=alert(1)>.png"  # the twin of picture_01.png: a file name that is also markup
 
 
 def _picture(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -58,7 +62,8 @@ def _picture(rng: np.random.Generator, width: int, height: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A tiny saved model and an embedded folder of generated images, one of them stored twice (a duplicate)."""
+    """A tiny saved model and an embedded folder of generated images, one of them stored twice (a duplicate, under
+    a file name that is markup)."""
     root = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=SIZE,
@@ -69,7 +74,7 @@ def served(tmp_path_factory):
     for i in range(NUM_IMAGES):
         fmt, ext = [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")][i % 3]
         _picture(rng, 48 + 5 * i, 80 - 2 * i).save(images / f"picture_{i:02d}.{ext}", fmt)
-    shutil.copy(images / "picture_01.png", images / "picture_01_copy.png")
+    shutil.copy(images / "picture_01.png", images / MARKUP_NAME)
     embed(images, str(root / "model"), root / "emb", image_size=SIZE, batch_size=4, num_workers=0, progress=False)
     return root
 
@@ -94,7 +99,8 @@ def _upload(path, name: str | None = None) -> dict:
 
 
 def _unique_images(collection) -> list[int]:
-    return [i for i, p in enumerate(collection.paths) if "picture_01" not in p]  # picture_01 has a twin
+    twins = ("picture_01.png", MARKUP_NAME)
+    return [i for i, p in enumerate(collection.paths) if Path(p).name not in twins]
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -111,7 +117,8 @@ def _png_claiming(width: int, height: int) -> bytes:
 def test_health_reports_the_collection_size_model_and_dimension(client, served):
     info = client.get("/api/health").json()
     assert info["status"] == "ok" and info["images"] == NUM_IMAGES + 1 and info["dim"] == 32
-    assert info["model"] == str((served / "model").resolve()) and info["pooling"] == "cls"
+    assert info["model"] == "model" and info["pooling"] == "cls"  # a local model by its folder's name only
+    assert info["request_timeout"] == 30.0 and set(info["lanes"]) == {"model", "heavy", "decode"}
 
 
 def test_search_by_upload_finds_the_query_image_itself_first(client, collection):
@@ -120,7 +127,7 @@ def test_search_by_upload_finds_the_query_image_itself_first(client, collection)
         assert response.status_code == 200, response.text
         results = response.json()["results"]
         assert len(results) == 5 and results[0]["id"] == image_id
-        assert results[0]["path"] == collection.paths[image_id] and results[0]["score"] > 0.9999
+        assert results[0]["path"] == Path(collection.paths[image_id]).name and results[0]["score"] > 0.9999
         assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
         assert results[0]["thumbnail"] == f"/api/thumbnail/{image_id}"
 
@@ -129,7 +136,7 @@ def test_embed_returns_the_vector_dinokit_embed_stored_for_the_same_file(client,
     stored = store.load_embeddings(served / "emb")
     for image_id in (0, 4, 8):
         body = client.post("/api/embed", files=_upload(collection.paths[image_id])).json()
-        assert body["dim"] == 32 and body["model"] == collection.model_spec
+        assert body["dim"] == 32 and body["model"] == collection.model_name == "model"
         np.testing.assert_allclose(body["embedding"], stored[image_id], rtol=1e-4, atol=1e-5)
     mean = client.post("/api/embed", files=_upload(collection.paths[0]), data={"pooling": "cls+mean"}).json()
     assert mean["dim"] == 64 and mean["pooling"] == "cls+mean"
@@ -167,11 +174,12 @@ def test_duplicates_are_the_groups_dinokit_dedup_finds(client, served, tmp_path)
         body = client.get("/api/duplicates", params={"threshold": threshold}).json()
         expected = dedup(served / "emb", threshold=threshold, output=tmp_path / "dups.csv").groups
         found = [{"keep": g["keep"]["path"], "remove": [d["path"] for d in g["duplicates"]]} for g in body["groups"]]
-        assert found == [{"keep": g["keep"], "remove": g["remove"]} for g in expected]
+        assert found == [{"keep": Path(g["keep"]).name, "remove": [Path(p).name for p in g["remove"]]}
+                         for g in expected]
         assert body["num_groups"] == len(expected)
     exact = client.get("/api/duplicates", params={"threshold": 0.99999}).json()["groups"]
-    assert [sorted(Path(p).name for p in (g["keep"]["path"], *(d["path"] for d in g["duplicates"])))
-            for g in exact] == [["picture_01.png", "picture_01_copy.png"]]
+    assert [sorted((g["keep"]["path"], *(d["path"] for d in g["duplicates"]))) for g in exact] == [
+        sorted(["picture_01.png", MARKUP_NAME])]
     assert client.get("/api/duplicates", params={"threshold": 2}).status_code == 422
 
 
@@ -377,6 +385,7 @@ def test_serve_listens_on_loopback_by_default():
 
     args = build_parser().parse_args(["serve", "some/folder"])
     assert (args.host, args.port, args.max_batch, args.max_upload_mb) == ("127.0.0.1", 8000, 32, 20.0)
+    assert (args.request_timeout, args.absolute_paths) == (30.0, False)  # a budget and no paths, unless asked
 
 
 def test_page_and_its_assets_come_from_the_package_without_external_urls(client):
@@ -392,6 +401,252 @@ def test_page_and_its_assets_come_from_the_package_without_external_urls(client)
     assert set(client.get("/openapi.json").json()["paths"]) >= {"/api/health", "/api/embed", "/api/search",
                                                                 "/api/thumbnail/{image_id}",
                                                                 "/api/image/{image_id}", "/api/duplicates"}
+
+
+# ---------------------------------------------------------------------------------------------------- disclosure
+def test_answers_show_paths_relative_to_the_collection_root_unless_asked(client, served, collection):
+    """/api/search and /api/duplicates must not tell strangers where the collection lies on the server."""
+    root = str(served)
+    query = _unique_images(collection)[2]
+    answers = [client.post("/api/search", files=_upload(collection.paths[query]), data={"k": "5"}),
+               client.post("/api/search", json={"id": query, "k": 5}),
+               client.get("/api/duplicates", params={"threshold": 0.99}),
+               client.get("/api/health"), client.post("/api/embed", files=_upload(collection.paths[0]))]
+    for answer in answers:
+        assert answer.status_code == 200 and root not in answer.text, answer.text[:300]
+    by_id = answers[1].json()
+    assert by_id["query"]["path"] == Path(collection.paths[query]).name
+    assert {r["path"] for r in by_id["results"]} <= {Path(p).name for p in collection.paths}
+
+    with TestClient(create_app(collection, absolute_paths=True)) as c:  # dinokit serve --absolute-paths
+        shown = c.post("/api/search", json={"id": query, "k": 5}).json()
+        assert shown["results"][0]["path"] == collection.paths[query] and shown["results"][0]["path"].startswith(root)
+        groups = c.get("/api/duplicates", params={"threshold": 0.99999}).json()["groups"]
+        assert all(g["keep"]["path"].startswith(root) for g in groups)
+
+
+def test_the_collection_root_is_the_deepest_folder_holding_every_image():
+    from dinokit.apps.serve.collection import collection_root, relative_to
+
+    paths = ["/srv/photos/a.jpg", "/srv/photos/2024/b.png", "/srv/photos/2024/x/c.webp"]
+    root = collection_root(paths)
+    assert root == "/srv/photos" and [relative_to(p, root) for p in paths] == ["a.jpg", "2024/b.png",
+                                                                               "2024/x/c.webp"]
+    assert collection_root(["/srv/one.jpg"]) == "/srv" and relative_to("/srv/one.jpg", "/srv") == "one.jpg"
+    assert relative_to("/srv/photos2/d.jpg", "/srv/photos") == "d.jpg"  # a sibling folder is not below it
+    mixed = ["/srv/a.jpg", "relative/b.jpg"]
+    assert collection_root(mixed) == "" and [relative_to(p, "") for p in mixed] == ["a.jpg", "b.jpg"]
+
+
+# ---------------------------------------------------------------------------------------------------- headers
+def test_every_answer_says_nosniff_once_errors_and_files_included(client, collection, monkeypatch):
+    answers = {
+        "page": client.get("/"), "script": client.get("/static/app.js"), "health": client.get("/api/health"),
+        "original": client.get("/api/image/0"), "thumbnail": client.get("/api/thumbnail/0"),
+        "pca": client.get("/api/pca/3"), "openapi": client.get("/openapi.json"),
+        "404": client.get(f"/api/image/{NUM_IMAGES + 1}"), "404 route": client.get("/nothing"),
+        "422": client.get("/api/duplicates", params={"threshold": 7}),
+        "400": client.post("/api/search", files={"image": ("a.png", b"not an image")}),
+        "415": client.post("/api/search", content=b"x", headers={"content-type": "text/plain"}),
+    }
+    with TestClient(create_app(collection, max_upload_mb=0.001), raise_server_exceptions=False) as c:
+        answers["413"] = c.post("/api/search", files={"image": ("big.png", b"\0" * 5000)})
+        monkeypatch.setattr(collection, "search", lambda vector, k: 1 / 0)
+        answers["500"] = c.post("/api/search", json={"id": 0})  # answered by the outermost error middleware
+    for what, answer in answers.items():
+        assert answer.headers.get_list("x-content-type-options") == ["nosniff"], (what, answer.status_code)
+    assert [answers[s].status_code for s in ("404", "422", "400", "415", "413", "500")] == [404, 422, 400, 415,
+                                                                                          413, 500]
+
+
+def test_originals_are_typed_by_their_contents_and_a_file_that_is_no_image_is_refused(served, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(served / "images" / "picture_01.png", images / "a_png_named.jpg")
+    shutil.copy(served / "images" / "picture_02.webp", images / "b_webp_named.png")
+    shutil.copy(served / "images" / "picture_00.jpg", images / "c_replaced.jpg")
+    embed(images, str(served / "model"), tmp_path / "emb", image_size=SIZE, num_workers=0, progress=False)
+    (images / "c_replaced.jpg").write_text("<html><script>alert(1)</script></html>")  # replaced after embedding
+    with TestClient(create_app(Collection(tmp_path / "emb"))) as c:
+        png, webp, html = (c.get(f"/api/image/{i}") for i in range(3))
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content == (images / "a_png_named.jpg").read_bytes()
+    assert webp.status_code == 200 and webp.headers["content-type"] == "image/webp"
+    assert html.status_code == 422 and html.headers["content-type"] == "application/json"
+    assert "not an image" in html.json()["error"] and "<script>" not in html.text
+    assert html.headers["x-content-type-options"] == "nosniff"
+
+
+# ---------------------------------------------------------------------------------------------------- budget
+DEEP_BLOCKS = 8
+SECONDS_PER_TOKEN = 0.001  # the PCA picture of a 448 x 224 upload: 32 x 16 patches, ~0.5 s a block, ~4 s in all
+BLOCK_SECONDS = 513 * SECONDS_PER_TOKEN
+
+
+@pytest.fixture(scope="module")
+def deep_collection(served, tmp_path_factory):
+    """The served images embedded with an 8-block model, so a request's work can be seen to stop between blocks."""
+    root = tmp_path_factory.mktemp("deep")
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=DEEP_BLOCKS, num_attention_heads=2, image_size=SIZE,
+                             patch_size=14)).save_pretrained(root / "model")
+    embed(served / "images", str(root / "model"), root / "emb", image_size=SIZE, batch_size=8, num_workers=0,
+          progress=False)
+    return Collection(root / "emb")
+
+
+class SlowBlocks:
+    """Makes the real model genuinely slow on big inputs: before each block runs, a forward pre-hook sleeps
+    SECONDS_PER_TOKEN per token the block is given (sleeping frees the CPU, so the timing holds on a loaded
+    machine), and counts the blocks started on inputs of `big` tokens or more: the PCA picture (513 tokens), not
+    a search query (5 tokens, 5 ms a block)."""
+
+    def __init__(self, model, big: int = 100) -> None:
+        self.big, self.started = big, 0
+        self.handles = [block.register_forward_pre_hook(self._hook) for block in model.vit.blocks]
+
+    def _hook(self, module, args) -> None:
+        tokens = args[0].shape[0] * args[0].shape[1]
+        if tokens >= self.big:
+            self.started += 1
+        time.sleep(SECONDS_PER_TOKEN * tokens)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _real_server(app):
+    """`app` served by uvicorn on a free port of 127.0.0.1, in a thread of this process."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    try:
+        _wait_until(lambda: server.started or not thread.is_alive(), 30, "uvicorn did not start")
+        assert thread.is_alive(), "uvicorn stopped at start-up"
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _wait_until(condition, seconds: float, failure: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(failure)
+        time.sleep(0.02)
+
+
+def _multipart(data: bytes, name: str, fields: dict | None = None) -> tuple[bytes, str]:
+    boundary = "dinokit-test-boundary-7c1f"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in (fields or {}).items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _post(url: str, data: bytes, fields: dict | None = None, timeout: float = 60):
+    """(status, headers, body) of an upload to `url`."""
+    body, content_type = _multipart(data, "query.png", fields)
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+def _send_and_hold(url: str, path: str, data: bytes) -> socket.socket:
+    """Send an upload to `path` and return the open socket without reading the answer (a client that may leave)."""
+    host, port = url.removeprefix("http://").split(":")
+    body, content_type = _multipart(data, "wide.png")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def _leave(sock: socket.socket) -> None:
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def _wide_png() -> bytes:
+    return _encoded(_picture(np.random.default_rng(7), 448, 224))  # PCA input 448 x 224: 32 x 16 patches
+
+
+def test_work_for_a_client_that_disconnected_stops_within_a_block(deep_collection):
+    with SlowBlocks(deep_collection.model) as slow, _real_server(create_app(deep_collection)) as url:
+        client = _send_and_hold(url, "/api/pca", _wide_png())
+        _wait_until(lambda: slow.started >= 2, 30, "the PCA picture's model work did not start")
+        _leave(client)
+        left_at = slow.started
+        time.sleep(4 * BLOCK_SECONDS)  # the time of 4 more blocks, had the work gone on
+        assert slow.started <= left_at + 1 < DEEP_BLOCKS, (left_at, slow.started)  # + the block then running
+        health = _get_json(url + "/api/health")
+        assert health["requests_abandoned"] == 1 and health["lanes"]["heavy"]["stopped"] == 1
+        assert _post(url + "/api/search", Path(deep_collection.paths[0]).read_bytes())[0] == 200  # still serving
+
+
+def test_a_slow_request_does_not_hold_up_searches_or_health(deep_collection):
+    query = _unique_images(deep_collection)[1]
+    with SlowBlocks(deep_collection.model) as slow, _real_server(create_app(deep_collection)) as url:
+        pca = ThreadPoolExecutor(1).submit(_post, url + "/api/pca", _wide_png())
+        _wait_until(lambda: slow.started >= 1, 30, "the PCA picture's model work did not start")
+        for _ in range(3):  # searches need the model too: they run beside the PCA picture, not behind it
+            status, _, body = _post(url + "/api/search", Path(deep_collection.paths[query]).read_bytes(), {"k": "3"})
+            assert status == 200 and json.loads(body)["results"][0]["id"] == query
+            assert _get_json(url + "/api/health")["status"] == "ok"
+        assert not pca.done() and slow.started < DEEP_BLOCKS  # all answered while the PCA was still running
+        status, headers, body = pca.result(timeout=60)
+        assert status == 200 and headers["content-type"] == "image/png" and slow.started == DEEP_BLOCKS
+
+
+def test_a_request_over_its_budget_gets_504_and_its_work_stops(deep_collection):
+    app = create_app(deep_collection, request_timeout=1.0)
+    with SlowBlocks(deep_collection.model) as slow, _real_server(app) as url:
+        status, headers, body = _post(url + "/api/pca", _wide_png())
+        answered_at = slow.started
+        assert status == 504 and headers["content-type"] == "application/json"
+        assert "--request-timeout" in json.loads(body)["error"] and headers["x-content-type-options"] == "nosniff"
+        time.sleep(4 * BLOCK_SECONDS)
+        assert slow.started <= answered_at + 1 < DEEP_BLOCKS, (answered_at, slow.started)
+        health = _get_json(url + "/api/health")
+        assert health["requests_timed_out"] == 1 and health["request_timeout"] == 1.0
+        assert _post(url + "/api/search", Path(deep_collection.paths[0]).read_bytes())[0] == 200
+
+
+def test_expensive_requests_beyond_the_heavy_queue_get_503_and_a_departed_waiter_is_skipped(deep_collection):
+    with SlowBlocks(deep_collection.model) as slow, _real_server(create_app(deep_collection, heavy_queue=2)) as url:
+        running = _send_and_hold(url, "/api/pca", _wide_png())
+        _wait_until(lambda: slow.started >= 1, 30, "the PCA picture's model work did not start")
+        waiting = _send_and_hold(url, "/api/pca", _wide_png())
+        _wait_until(lambda: _get_json(url + "/api/health")["lanes"]["heavy"]["admitted"] == 2, 30,
+                    "the second PCA request was not admitted")
+        status, headers, body = _post(url + "/api/pca", _wide_png())
+        assert status == 503 and headers["retry-after"] and "busy" in json.loads(body)["error"]
+        assert _post(url + "/api/search", Path(deep_collection.paths[0]).read_bytes())[0] == 200
+        _leave(waiting)
+        _leave(running)
+        _wait_until(lambda: _get_json(url + "/api/health")["lanes"]["heavy"]["admitted"] == 0, 30,
+                    "the heavy lane did not empty")
+        assert _get_json(url + "/api/health")["lanes"]["heavy"] | {"admitted": 0} == {
+            "admitted": 0, "run": 0, "skipped": 1, "stopped": 1}
+        assert slow.started < DEEP_BLOCKS  # the waiter's picture never started; the first one stopped
 
 
 # ---------------------------------------------------------------------------------------------------- browser

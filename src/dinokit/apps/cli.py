@@ -87,6 +87,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="largest model batch; 1 turns dynamic batching off")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger request bodies get 413")
+    p.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="server work per request, from its body's arrival to its answer; longer gets 504 and its "
+                        "work is stopped (0: no limit)")
+    p.add_argument("--absolute-paths", action="store_true",
+                   help="show the images' absolute paths (default: relative to the collection root)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_serve)
 
@@ -163,5 +168,6 @@ def _serve(args) -> int:
     from dinokit.apps.serve import serve
 
     serve(args.emb_dir, model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
-          max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb, device=args.device)
+          max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb, device=args.device,
+          request_timeout=args.request_timeout, absolute_paths=args.absolute_paths)
     return 0

@@ -22,6 +22,7 @@ more copy of the blocks' linear weights: ~85 MB for ViT-S, ~340 MB for ViT-B); t
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 
 import torch
@@ -58,6 +59,7 @@ _POST_OPS = {"GELU:none": ("gelu", "none"), "GELU:tanh": ("gelu", "tanh"), "ReLU
 _REORDER = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
 # layer -> (key, packed weight, bias, bytes): inference-only copies, never part of the state dict
 _packed_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_packed_lock = threading.Lock()  # the model may run on several threads at once (e.g. `dinokit serve`'s lanes)
 _PACKED_BUDGET = float(os.environ.get("DINOKIT_PACKED_WEIGHTS_MB", "1024")) * 2**20
 
 
@@ -85,9 +87,10 @@ def _packed_weights(layer: torch.nn.Linear, gamma: torch.Tensor | None, rows: in
     if _REORDER is not None:
         weight = _REORDER(weight.contiguous(), rows)
     size = layer.weight.numel() * layer.weight.element_size()
-    _packed_cache.pop(layer, None)
-    if None not in key and sum(entry[3] for entry in _packed_cache.values()) + size <= _PACKED_BUDGET:
-        _packed_cache[layer] = (key, weight, bias, size)
+    with _packed_lock:
+        _packed_cache.pop(layer, None)
+        if None not in key and sum(entry[3] for entry in _packed_cache.values()) + size <= _PACKED_BUDGET:
+            _packed_cache[layer] = (key, weight, bias, size)
     return weight, bias
 
 

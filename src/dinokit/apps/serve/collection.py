@@ -1,7 +1,9 @@
 """What `dinokit serve` serves: one embedded collection, its search index, and the model that embedded it.
 
 Row r of the embedding folder is image id r everywhere (search results, thumbnails, originals, duplicates);
-a client can only name an image by that id, never by a path. Queries are embedded with the preprocessing and
+a client can only name an image by that id, never by a path. Clients are shown paths relative to the collection
+root (the deepest folder holding every image), so the server's directory layout stays private; `describe(...,
+absolute=True)` gives the stored paths. Queries are embedded with the preprocessing and
 pooling recorded in the folder's manifest, so an indexed image uploaded again scores ~1 against itself.
 """
 
@@ -9,7 +11,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +34,35 @@ from dinokit.apps.embed import (
     weights_sha256,
 )
 from dinokit.apps.index import _faiss, load_index, normalized_float32, resolve_index_dir
-from dinokit.apps.serve.uploads import decode_upload
+from dinokit.apps.serve.lanes import install_stop_points
+from dinokit.apps.serve.uploads import UnreadableImage, decode_upload
 
 log = logging.getLogger("dinokit.serve")
 
 THUMBNAIL_SIDE = 256
 THUMBNAIL_CACHE = 4096  # thumbnails kept in memory (about 10 KB each)
 DUPLICATES_CACHE = 8  # duplicate groupings kept, by threshold
+MEDIA_TYPES = {"MPO": "image/jpeg"}  # PIL's own MIME for these is one browsers do not show (MPO is a JPEG)
 PCA_SIZE = 224  # short side of the PCA picture: 16 x 16 patches, whatever size the collection was embedded at
 
 
 class UnknownImage(LookupError):
     """An id outside the collection (404)."""
+
+
+def collection_root(paths: list[str]) -> str:
+    """The deepest folder holding every path ("" when they share none, e.g. relative and absolute mixed)."""
+    try:
+        return os.path.commonpath([os.path.dirname(p) for p in paths])
+    except ValueError:
+        return ""
+
+
+def relative_to(path: str, root: str) -> str:
+    """`path` below `root`; its file name alone when it is not below it."""
+    if root and (path == root or path.startswith(root.rstrip(os.sep) + os.sep)):
+        return os.path.relpath(path, root)
+    return os.path.basename(path)
 
 
 @dataclass
@@ -69,6 +90,8 @@ class Collection:
             raise ValueError(f"{self.emb_dir} holds no image vectors to serve (shape {vectors.shape}).")
         self.vectors = normalized_float32(vectors)
         self.paths = metadata.column("path").to_pylist()
+        self.root = collection_root(self.paths)
+        self.relative_paths = [relative_to(p, self.root) for p in self.paths]
         columns = metadata.column_names
         self.widths = metadata.column("width").to_pylist() if "width" in columns else [0] * len(self.paths)
         self.heights = metadata.column("height").to_pylist() if "height" in columns else [0] * len(self.paths)
@@ -78,6 +101,7 @@ class Collection:
         self.model = load(model) if model is not None else model_from_manifest(self.manifest)
         self.device = select_device(device)
         self.model = self.model.to(self.device).eval()
+        install_stop_points(self.model)  # abandoned requests' model work ends within a block (lanes.py)
         recorded = (self.manifest.get("model") or {}).get("weights_sha256")
         if model is not None and recorded and weights_sha256(self.model) != recorded:
             log.warning("--model %s is not the model that embedded %s: queries and the collection's vectors come "
@@ -89,7 +113,7 @@ class Collection:
                              f"{self.dim}-dimensional ones; serve it with the model it was embedded with.")
         self.transform = eval_transform(self.image_size)
         self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
-        self._duplicates: OrderedDict[float, list[dict]] = OrderedDict()
+        self._duplicates: OrderedDict[float, list] = OrderedDict()
         self._lock = threading.Lock()
 
     def _load_index(self):
@@ -121,8 +145,17 @@ class Collection:
         if not 0 <= image_id < len(self.paths):
             raise UnknownImage(f"no image with id {image_id}: ids run from 0 to {len(self.paths) - 1}")
 
-    def describe(self, image_id: int, score: float | None = None) -> dict:
-        item = {"id": image_id, "path": self.paths[image_id], "width": int(self.widths[image_id] or 0),
+    @property
+    def model_name(self) -> str | None:
+        """The model as clients are told it: a hub id as given, a local folder or file by its name only."""
+        spec = self.model_spec
+        if spec and Path(spec).expanduser().exists():
+            return Path(spec).name
+        return spec
+
+    def describe(self, image_id: int, score: float | None = None, *, absolute: bool = False) -> dict:
+        path = self.paths[image_id] if absolute else self.relative_paths[image_id]
+        item = {"id": image_id, "path": path, "width": int(self.widths[image_id] or 0),
                 "height": int(self.heights[image_id] or 0), "thumbnail": f"/api/thumbnail/{image_id}",
                 "image": f"/api/image/{image_id}"}
         if score is not None:
@@ -170,6 +203,22 @@ class Collection:
         self.check_id(image_id)
         return Path(self.paths[image_id]).read_bytes()
 
+    def media_type(self, image_id: int) -> str:
+        """The MIME type of the file of `image_id` from its contents as PIL identifies them (not its extension);
+        UnreadableImage when they are no image PIL knows (e.g. the file was replaced after embedding)."""
+        self.check_id(image_id)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(self.paths[image_id]) as image:  # reads the header only
+                    kind = image.format
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise UnreadableImage(f"the file of image {image_id} is not an image PIL can identify now "
+                                  f"({type(exc).__name__}); was it replaced after embedding?") from None
+        return MEDIA_TYPES.get(kind) or Image.MIME.get(kind) or "application/octet-stream"
+
     def thumbnail(self, image_id: int) -> bytes:
         """A JPEG at most THUMBNAIL_SIDE pixels on its long side, made once and cached."""
         self.check_id(image_id)
@@ -189,8 +238,9 @@ class Collection:
         return data
 
     # ------------------------------------------------------------------------------------------------ duplicates
-    def duplicates(self, threshold: float) -> list[dict]:
-        """Near-duplicate groups at `threshold` (as `dinokit dedup` finds and orders them), cached."""
+    def duplicates(self, threshold: float) -> list[tuple[int, list[tuple[int, float]]]]:
+        """Near-duplicate groups at `threshold` (as `dinokit dedup` finds and orders them), cached: per group the
+        id kept and the (id, similarity to it) of the others."""
         from dinokit.apps.dedup import find_duplicate_groups, representative
 
         key = round(float(threshold), 6)
@@ -202,8 +252,7 @@ class Collection:
         for group in find_duplicate_groups(self.vectors, key):
             keep = representative(group, self.paths, pixels)
             others = sorted((int(i) for i in group if i != keep), key=lambda i: self.paths[i])
-            groups.append({"keep": self.describe(keep, 1.0),
-                           "duplicates": [self.describe(i, self.vectors[i] @ self.vectors[keep]) for i in others]})
+            groups.append((int(keep), [(i, float(self.vectors[i] @ self.vectors[keep])) for i in others]))
         with self._lock:
             self._duplicates[key] = groups
             while len(self._duplicates) > DUPLICATES_CACHE:
