@@ -713,8 +713,10 @@ def test_web_page_in_headless_chromium_finds_the_uploaded_image_first(served, co
         driver.find_element(By.ID, "file").send_keys(collection.paths[query_id])
         wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#results .result")))
         cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
-        assert cards[0].get_attribute("data-path") == collection.paths[query_id]
+        assert cards[0].get_attribute("data-path") == Path(collection.paths[query_id]).name  # relative to the root
         assert cards[0].find_element(By.CLASS_NAME, "score").text == "1.0000"
+        injected = "return document.querySelectorAll('[onerror], img[src=\"x\"], .name *').length;"
+        assert driver.execute_script(injected) == 0, f"the file name {MARKUP_NAME!r} became markup in the page"
         wait.until(lambda d: d.execute_script(
             "const i = document.getElementById('query-pca'); return i.complete && i.naturalWidth > 0;"))
         wait.until(lambda d: d.execute_script(
@@ -727,7 +729,37 @@ def test_web_page_in_headless_chromium_finds_the_uploaded_image_first(served, co
         first_id = "const r = document.querySelector('#results .result'); return r && r.dataset.id;"  # atomic:
         wait.until(lambda d: d.execute_script(first_id) == second  # no stale element while the grid is replaced
                    and d.execute_script("return document.getElementById('query-caption').textContent;")
-                   == collection.paths[int(second)])
+                   == Path(collection.paths[int(second)]).name)
+        shows_original = ("const i = document.getElementById('query-image'); "
+                          "return i.complete && i.naturalWidth > 0 && i.src.endsWith('/api/image/' + arguments[0]);")
+        wait.until(lambda d: d.execute_script(shows_original, second))  # the original, typed by its contents
+
+        # A file name that is markup is shown as text: in the card, its caption and the duplicate groups.
+        driver.execute_script("document.getElementById('results').replaceChildren();")  # wait for the new grid
+        driver.find_element(By.ID, "file").send_keys(str(served / "images" / "picture_01.png"))
+        twin = f"#results .result[data-path='{MARKUP_NAME}']"
+        wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, twin)))
+        card = driver.find_element(By.CSS_SELECTOR, twin)
+        assert card.find_element(By.CLASS_NAME, "name").text == MARKUP_NAME
+        assert card.find_element(By.TAG_NAME, "img").get_attribute("alt") == MARKUP_NAME
+        twin_id = card.get_attribute("data-id")
+        card.click()
+        wait.until(lambda d: d.execute_script("return document.getElementById('query-caption').textContent;")
+                   == MARKUP_NAME and d.execute_script(shows_original, twin_id))
+        driver.find_element(By.ID, "tab-duplicates").click()
+        threshold = driver.find_element(By.ID, "threshold")
+        threshold.clear()
+        threshold.send_keys("0.99")  # the input's step is 0.01
+        driver.find_element(By.CSS_SELECTOR, "#dup-form button").click()
+        wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#groups .group h2")))
+        groups = driver.find_elements(By.CSS_SELECTOR, "#groups .group")
+        names = [[n.text for n in g.find_elements(By.CLASS_NAME, "name")] for g in groups]
+        [group] = [g for g, n in zip(groups, names) if MARKUP_NAME in n]  # shown as text, beside its twin
+        assert "picture_01.png" in names[groups.index(group)]
+        kept = group.find_element(By.CSS_SELECTOR, ".result.keep .name").text
+        assert f"keep {kept}," in group.find_element(By.TAG_NAME, "h2").text
+        assert driver.execute_script(injected) == 0, f"the file name {MARKUP_NAME!r} became markup in the page"
+        driver.find_element(By.ID, "tab-search").click()
 
         driver.set_window_size(390, 844)  # a phone: the grid reflows, nothing scrolls sideways
         assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
