@@ -614,6 +614,9 @@ def test_a_slow_request_does_not_hold_up_searches_or_health(deep_collection):
         assert not pca.done() and slow.started < DEEP_BLOCKS  # all answered while the PCA was still running
         status, headers, body = pca.result(timeout=60)
         assert status == 200 and headers["content-type"] == "image/png" and slow.started == DEEP_BLOCKS
+        health = _get_json(url + "/api/health")  # answers completed are neither abandoned nor timed out
+        assert (health["requests_abandoned"], health["requests_timed_out"]) == (0, 0)
+        assert health["lanes"]["heavy"] | {"admitted": 0} == {"admitted": 0, "run": 1, "skipped": 0, "stopped": 0}
 
 
 def test_a_request_over_its_budget_gets_504_and_its_work_stops(deep_collection):

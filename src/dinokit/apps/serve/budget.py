@@ -156,7 +156,8 @@ class RequestBudget:
                         "work is stopped", scope["method"], scope["path"], self.seconds, seconds)
             if not answer_started:
                 await JSONResponse({"error": timeout_message(self.seconds)}, status_code=504)(scope, receive, send)
-        finally:
+        finally:  # the request is over, however it ended (e.g. cancelled at shutdown): so is its work
+            budget.stop("its request is over")
             for task in (handler, watcher, *waits.values()):
                 if task is not None and not task.done():
                     task.cancel()
