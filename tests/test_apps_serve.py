@@ -570,11 +570,15 @@ def _get_json(url: str) -> dict:
         return json.load(response)
 
 
-def _send_and_hold(url: str, path: str, data: bytes) -> socket.socket:
-    """Send an upload to `path` and return the open socket without reading the answer (a client that may leave)."""
+def _send_and_hold(url: str, path: str, data: bytes | None) -> socket.socket:
+    """Send an upload to `path` (a GET when `data` is None) and return the open socket without reading the
+    answer: a client that may leave."""
     host, port = url.removeprefix("http://").split(":")
-    body, content_type = _multipart(data, "wide.png")
     sock = socket.create_connection((host, int(port)))
+    if data is None:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        return sock
+    body, content_type = _multipart(data, "wide.png")
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     return sock
@@ -589,9 +593,13 @@ def _wide_png() -> bytes:
     return _encoded(_picture(np.random.default_rng(7), 448, 224))  # PCA input 448 x 224: 32 x 16 patches
 
 
-def test_work_for_a_client_that_disconnected_stops_within_a_block(deep_collection):
+@pytest.mark.parametrize("request_kind", ["upload", "indexed"])
+def test_work_for_a_client_that_disconnected_stops_within_a_block(deep_collection, request_kind):
     with SlowBlocks(deep_collection.model) as slow, _real_server(create_app(deep_collection)) as url:
-        client = _send_and_hold(url, "/api/pca", _wide_png())
+        if request_kind == "upload":  # POST /api/pca: the clock starts once the body is in
+            client = _send_and_hold(url, "/api/pca", _wide_png())
+        else:  # GET /api/pca/{id}: a request without a body (the indexed picture is 16 x 27 patches)
+            client = _send_and_hold(url, "/api/pca/3", None)
         _wait_until(lambda: slow.started >= 2, 30, "the PCA picture's model work did not start")
         _leave(client)
         left_at = slow.started
@@ -604,8 +612,9 @@ def test_work_for_a_client_that_disconnected_stops_within_a_block(deep_collectio
 
 def test_a_slow_request_does_not_hold_up_searches_or_health(deep_collection):
     query = _unique_images(deep_collection)[1]
-    with SlowBlocks(deep_collection.model) as slow, _real_server(create_app(deep_collection)) as url:
-        pca = ThreadPoolExecutor(1).submit(_post, url + "/api/pca", _wide_png())
+    with SlowBlocks(deep_collection.model) as slow, _real_server(create_app(deep_collection)) as url, \
+            ThreadPoolExecutor(1) as pool:
+        pca = pool.submit(_post, url + "/api/pca", _wide_png())
         _wait_until(lambda: slow.started >= 1, 30, "the PCA picture's model work did not start")
         for _ in range(3):  # searches need the model too: they run beside the PCA picture, not behind it
             status, _, body = _post(url + "/api/search", Path(deep_collection.paths[query]).read_bytes(), {"k": "3"})
