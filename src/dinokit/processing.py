@@ -181,17 +181,28 @@ def _rescale(image: np.ndarray, scale: float) -> np.ndarray:
     return (image.astype(np.float64) * scale).astype(np.float32)  # float64 first: transformers' order of rounding
 
 
-def _pil_resize(chw: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
-    """Resize through PIL on uint8, as transformers' `resize`: floats in [0, 1] go through uint8 and come back."""
+def _to_pil(chw: np.ndarray) -> tuple[Image.Image, bool]:
+    """A (C, H, W) image as a uint8 PIL image, as transformers' `resize` makes one; True if floats in [0, 1] were
+    scaled to [0, 255] on the way (and must be scaled back)."""
     rescaled = _needs_rescale_for_pil(chw)
     hwc = np.moveaxis(chw, 0, -1)
     if hwc.shape[-1] == 1:
         hwc = hwc[..., 0]
     if rescaled:
         hwc = _rescale(hwc, 255)
-    resized = np.array(Image.fromarray(hwc.astype(np.uint8)).resize((width, height), resample=resample))
-    resized = np.moveaxis(resized[..., None] if resized.ndim == 2 else resized, -1, 0)
-    return _rescale(resized, 1 / 255) if rescaled else resized
+    return Image.fromarray(hwc.astype(np.uint8)), rescaled
+
+
+def _from_pil(image: Image.Image, rescaled: bool) -> np.ndarray:
+    array = np.array(image)
+    array = np.moveaxis(array[..., None] if array.ndim == 2 else array, -1, 0)
+    return _rescale(array, 1 / 255) if rescaled else array
+
+
+def _pil_resize(chw: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """Resize through PIL on uint8, as transformers' `resize`: floats in [0, 1] go through uint8 and come back."""
+    image, rescaled = _to_pil(chw)
+    return _from_pil(image.resize((width, height), resample=resample), rescaled)
 
 
 def crop_box(height: int, width: int, crop_height: int, crop_width: int) -> tuple[tuple[int, int, int, int], int, int]:
@@ -211,6 +222,43 @@ def _center_crop(chw: np.ndarray, crop_height: int, crop_width: int) -> np.ndarr
     # Contiguous (C, H, W): the channels-first view of PIL's (H, W, C) pixels makes every later float pass ~3x
     # slower, and copying the small uint8 crop costs less than that.
     return np.ascontiguousarray(chw[:, top:top + crop_height, left:left + crop_width])
+
+
+# Resized images larger than this (50 MB of uint8 RGB) are not made whole before a centre crop: only the region
+# the crop keeps is resized. Only thin strips reach it (at short side 256, an aspect ratio over 250:1), which the
+# full resize would blow up to gigabytes (a 1 x 20,000 PNG: 256 x 5,120,000 pixels, 13.5 GB peak).
+MAX_RESIZED_PIXELS = 1 << 24
+
+
+def _resize_center_crop(chw: np.ndarray, height: int, width: int, resample: int, crop_height: int,
+                        crop_width: int) -> np.ndarray:
+    """`_center_crop(_pil_resize(chw, height, width), ...)` for an image whose resized size is over
+    MAX_RESIZED_PIXELS, without making the whole resized image: PIL's two passes (horizontal, then vertical)
+    are run one at a time, each on the source region (PIL's `box`) under the crop window; zero padding where the
+    window overhangs. Close to the whole resize, not bit-identical: the box's coordinates are float32 in PIL,
+    and PIL may run the whole resize's passes in the other order. Measured on random-noise images, the worst
+    case: thin strips (the images that come here) differ by at most 2 levels in 0.1% of values; a 30:1 image
+    (1500 x 50, forced here) by 0.4 levels on average, up to 20."""
+    (top_pad, _, left_pad, _), top, left = crop_box(height, width, crop_height, crop_width)
+    r0, c0 = top - top_pad, left - left_pad  # the crop window in resized coordinates (negative: padding)
+    rows, cols = (max(r0, 0), min(r0 + crop_height, height)), (max(c0, 0), min(c0 + crop_width, width))
+    in_h, in_w = chw.shape[-2:]
+
+    def edge(index: int, source: int, resized: int) -> float:  # exact at both ends of the image
+        return float(source) if index == resized else index * source / resized
+
+    y0, y1 = edge(rows[0], in_h, height), edge(rows[1], in_h, height)
+    reach = 3 * max(1.0, in_h / height) + 2  # source rows beyond the window that a vertical filter can use
+    first, last = max(0, math.floor(y0 - reach)), min(in_h, math.ceil(y1 + reach))
+    image, rescaled = _to_pil(chw[:, first:last])
+    out_w = cols[1] - cols[0]
+    across = image.resize((out_w, last - first), resample=resample,
+                          box=(edge(cols[0], in_w, width), 0, edge(cols[1], in_w, width), last - first))
+    region = _from_pil(across.resize((out_w, rows[1] - rows[0]), resample=resample,
+                                     box=(0, y0 - first, out_w, y1 - first)), rescaled)
+    out = np.zeros((chw.shape[0], crop_height, crop_width), dtype=region.dtype)
+    out[:, rows[0] - r0:rows[1] - r0, cols[0] - c0:cols[1] - c0] = region
+    return out
 
 
 def _normalize(chw: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -398,10 +446,16 @@ class Dinov2ImageProcessor:
         chw = _to_channels_first(image, o["do_convert_rgb"], o["input_data_format"])
         if chw.shape[-1] == 0 or chw.shape[-2] == 0:
             raise ValueError(f"Empty image of shape {chw.shape}.")
+        crop = o["crop_size"]["height"], o["crop_size"]["width"]
+        cropped = False
         if o["do_resize"]:
-            chw = _pil_resize(chw, *resize_output_size(*chw.shape[-2:], o["size"]), o["resample"])
-        if o["do_center_crop"]:
-            chw = _center_crop(chw, o["crop_size"]["height"], o["crop_size"]["width"])
+            height, width = resize_output_size(*chw.shape[-2:], o["size"])
+            if o["do_center_crop"] and height * width > MAX_RESIZED_PIXELS:
+                chw, cropped = _resize_center_crop(chw, height, width, o["resample"], *crop), True
+            else:
+                chw = _pil_resize(chw, height, width, o["resample"])
+        if o["do_center_crop"] and not cropped:
+            chw = _center_crop(chw, *crop)
         if o["do_rescale"]:
             chw = _rescale(chw, o["rescale_factor"])
         if o["do_normalize"]:
@@ -445,15 +499,24 @@ class Dinov2ImageProcessor:
         arrays = [_to_channels_first(load_image(image) if isinstance(image, (str, os.PathLike)) else image,
                                      o["do_convert_rgb"], o["input_data_format"])
                   for image in _flat_list_of_images(images)]
+        cropped = set()  # thin strips: the crop region resized on the PIL path (MAX_RESIZED_PIXELS)
+        if o["do_resize"] and o["do_center_crop"]:
+            crop = o["crop_size"]["height"], o["crop_size"]["width"]
+            for index, array in enumerate(arrays):
+                height, width = resize_output_size(*array.shape[-2:], o["size"])
+                if height * width > MAX_RESIZED_PIXELS:
+                    arrays[index] = _resize_center_crop(array, height, width, o["resample"], *crop)
+                    cropped.add(index)
         by_shape: dict[tuple, list[int]] = {}
         for index, array in enumerate(arrays):
-            by_shape.setdefault((array.shape, array.dtype), []).append(index)
+            by_shape.setdefault((array.shape, array.dtype, index in cropped), []).append(index)
         outputs = []
-        for indices in by_shape.values():
+        for (*_, done), indices in by_shape.items():
             # np.stack, not torch.stack: torch's CPU stack of uint8 tensors is ~100x slower here.
             batch = torch.from_numpy(np.stack([arrays[i] for i in indices]))
+            options = {**settings, "do_resize": False, "do_center_crop": False} if done else settings
             outputs.append((indices, preprocess_tensor_batch(batch.to(device) if device is not None else batch,
-                                                             **settings)))
+                                                             **options)))
         if len({tuple(out.shape[1:]) for _, out in outputs}) == 1:
             first = outputs[0][1]
             result = first.new_empty((len(arrays), *first.shape[1:]))

@@ -13,7 +13,9 @@ Attention (`attention=True`): for the last block, the attention of the CLS token
 per head (register columns dropped), min-max scaled per map and drawn in grey.
 
 Each image is resized so its short side is `size` and its long side the nearest multiple of the patch size
-(no crop, so the whole image is shown); it is drawn next to its maps, one row per image.
+(no crop, so the whole image is shown); it is drawn next to its maps, one row per image. An image whose aspect
+ratio would make that more than `max_patch_tokens()` patch tokens (4,096 by default; `dinokit.data.token_bound`)
+is scaled down to fit, and a `size` at which a square image is over the bound is refused.
 """
 
 from __future__ import annotations
@@ -133,14 +135,19 @@ def render(images: list[Image.Image], features: list[np.ndarray] | None = None,
     return PcaPicture(image=picture, boxes=boxes, masks=masks)
 
 
-def resize_to_patches(image: Image.Image, size: int, patch_size: int = 14) -> Image.Image:
-    """Short side to `size`, long side to the nearest multiple of `patch_size`, keeping the aspect ratio."""
+def resize_to_patches(image: Image.Image, size: int, patch_size: int = 14, name: str = "image") -> Image.Image:
+    """Short side to `size`, long side to the nearest multiple of `patch_size`, keeping the aspect ratio; scaled
+    down to the bound on patch tokens (`dinokit.data.token_bound`) when the aspect ratio takes it over."""
+    from dinokit.data.token_bound import bounded_size, check_short_side
+
     if size % patch_size:
         raise ValueError(f"size must be a multiple of the patch size {patch_size}, got {size}")
+    check_short_side(size, patch_size)
     w, h = image.size
     scale = size / min(w, h)
     new_w = max(patch_size, round(w * scale / patch_size) * patch_size)
     new_h = max(patch_size, round(h * scale / patch_size) * patch_size)
+    new_h, new_w = bounded_size(new_h, new_w, patch_size, name=name)
     return image.convert("RGB").resize((new_w, new_h), Image.BICUBIC)
 
 
@@ -150,6 +157,12 @@ def _open(image) -> Image.Image:
     from dinokit.data.images import pil_to_rgb, read_image
 
     return pil_to_rgb(image) if isinstance(image, Image.Image) else read_image(image)
+
+
+def _name(image) -> str:
+    from dinokit.data.images import display_path
+
+    return "image" if isinstance(image, Image.Image) else display_path(image)
 
 
 def pca_picture(images: list, output: str | Path, *, model="facebook/dinov2-small", size: int = 448,
@@ -169,13 +182,17 @@ def draw_pca_picture(images: list, *, model="facebook/dinov2-small", size: int =
     import torch
 
     from dinokit.apps.embed import load, select_device
+    from dinokit.data.token_bound import check_short_side
 
     if not images:
         raise ValueError("Give at least one image")
     device = select_device(device)
     model = load(model).to(device).eval()
     patch_size = int(getattr(model.config, "patch_size", 14))
-    inputs = [resize_to_patches(_open(p), size, patch_size) for p in images]
+    if size % patch_size:
+        raise ValueError(f"size must be a multiple of the patch size {patch_size}, got {size}")
+    check_short_side(size, patch_size)  # before reading any image
+    inputs = [resize_to_patches(_open(p), size, patch_size, _name(p)) for p in images]
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     features, maps = [], []
     with torch.inference_mode():

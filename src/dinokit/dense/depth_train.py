@@ -24,6 +24,7 @@ from dinokit.dense.depth import DepthConfig, Dinov2ForDepthEstimation
 from dinokit.dense.features import (
     DenseFeatures,
     DepthFeatures,
+    check_processor,
     dense_processor,
     extract,
     preprocess,
@@ -107,8 +108,9 @@ def train_depth(model, train, val, output, *, depth_scale: float = 1000.0, min_d
     depther = Dinov2ForDepthEstimation(DepthConfig.linear(backbone.config, layers, min_depth, max_depth))
     depther.backbone.load_meta_state_dict(backbone.vit.state_dict(), None)
     depther.eval()
+    processor = dense_processor(size)
+    check_processor(processor, depther.config.backbone_config.patch_size)
     with staged_output(Path(output), "dinokit depth train", ARCHITECTURE) as staging:
-        processor = dense_processor(size)
         extractor = DepthFeatures(depther)
         train_features = extract(extractor, [s.image for s in train_samples], [s.stem for s in train_samples],
                                  processor, cache_dir=cache_dir, progress=progress)
@@ -149,8 +151,8 @@ def depth_image(depther, processor, image_path: Path) -> np.ndarray:
     from dinokit.processing import load_image
 
     image = load_image(image_path)
-    pixels = preprocess(image_path, processor)
     patch = depther.config.backbone_config.patch_size
+    pixels = preprocess(image_path, processor, patch)
     padded = center_pad(pixels, patch)
     depth = depther(padded).predicted_depth
     grid = (padded.shape[-2] // patch, padded.shape[-1] // patch)
@@ -164,6 +166,7 @@ def predict_depth(inputs, model, output, depth_scale: float = 1000.0, size: int 
     """PRED/<stem>_depth.png (colour map) and PRED/<stem>_depth16.png (uint16, depth x depth_scale)."""
     images = [p for item in ([inputs] if isinstance(inputs, (str, Path)) else inputs) for p in data.list_images(item)]
     depther, processor = load_depther(model, size)
+    check_processor(processor, depther.config.backbone_config.patch_size, "--size" if size else None, str(model))
 
     def predict(path: Path):
         depth = depth_image(depther, processor, path)

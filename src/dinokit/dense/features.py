@@ -2,7 +2,9 @@
 
 Preprocessing (dinokit's choice; Meta's configs resize the short side to 512/640 and train on random crops):
 resize the short side to `size` (bilinear, aspect kept, `Dinov2ImageProcessor` without crop), ImageNet
-normalisation, centre padding to a multiple of the patch size. The features of one image are (C, h, w) on the
+normalisation, centre padding to a multiple of the patch size. An image whose aspect ratio would give more than
+`max_patch_tokens()` patch tokens (4,096 by default) is resized smaller instead, to multiples of the patch size
+within the bound (`dinokit.data.token_bound`); outputs are still mapped back to its own resolution. The features of one image are (C, h, w) on the
 padded image's patch grid; `to_image` maps (K, h, w) logits back onto the original image, cropping the padding
 first (Meta resizes the padded logits to the image size instead, which shifts them by up to half a patch).
 
@@ -27,6 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dinokit import locking
+from dinokit.data.images import display_path
+from dinokit.data.token_bound import bounded_size, check_short_side, max_patch_tokens
 from dinokit.dense.padding import center_pad, center_padding
 from dinokit.eval.features import _hash_model, default_cache_dir, write_entry
 
@@ -40,11 +44,29 @@ def dense_processor(size: int):
                                 resample=Image.Resampling.BILINEAR)
 
 
-def preprocess(image_path: Path, processor) -> torch.Tensor:
-    """(1, 3, H', W') normalised pixels of the resized (not yet padded) image."""
-    from dinokit.processing import load_image
+def _varies_in_size(processor) -> bool:
+    """The processor resizes the short side and keeps the whole image: its long side follows the aspect ratio."""
+    return bool(processor.do_resize and "shortest_edge" in processor.size and not processor.do_center_crop)
 
-    return processor(load_image(image_path), return_tensors="pt")["pixel_values"]
+
+def check_processor(processor, patch_size: int, option: str | None = "--size", saved_in: str = "") -> None:
+    """Refuse, before any image is read, a short side at which a square image is over the patch-token bound."""
+    if _varies_in_size(processor):
+        check_short_side(processor.size["shortest_edge"], patch_size, option, saved_in)
+
+
+def preprocess(image_path: Path, processor, patch_size: int) -> torch.Tensor:
+    """(1, 3, H', W') normalised pixels of the resized (not yet padded) image, within the patch-token bound."""
+    from dinokit.processing import load_image, resize_output_size
+
+    image = load_image(image_path)
+    overrides = {}
+    if _varies_in_size(processor):
+        planned = resize_output_size(image.height, image.width, processor.size)
+        bounded = bounded_size(*planned, patch_size, name=display_path(image_path))
+        if bounded != planned:
+            overrides["size"] = {"height": bounded[0], "width": bounded[1]}
+    return processor(image, return_tensors="pt", **overrides)["pixel_values"]
 
 
 class FeatureExtractor:
@@ -167,7 +189,7 @@ def compute(extractor: FeatureExtractor, images: list[Path], processor, stems: l
 
         iterator = tqdm(images, desc=f"features ({extractor.kind})", unit="image")
     for path in iterator:
-        pixels = preprocess(path, processor)
+        pixels = preprocess(path, processor, extractor.patch_size)
         resized = pixels.shape[-2:]
         maps = extractor(center_pad(pixels, extractor.patch_size))
         parts.append(maps.flatten(1).T.contiguous().numpy().astype(np.float16))
@@ -178,6 +200,7 @@ def compute(extractor: FeatureExtractor, images: list[Path], processor, stems: l
 def cache_key(extractor: FeatureExtractor, images: list[Path], processor) -> str:
     digest = hashlib.blake2b(digest_size=20)
     digest.update(f"dinokit-dense-features-v{CACHE_FORMAT}:{processor.to_json_string()}".encode())
+    digest.update(f"max_patch_tokens={max_patch_tokens()}".encode())  # over-bound images are resized by it
     extractor.hash_into(digest)
     for path in images:
         stat = os.stat(path)

@@ -27,6 +27,7 @@ from dinokit.dense.features import (
     DenseFeatures,
     FeatureExtractor,
     SegmentationFeatures,
+    check_processor,
     dense_processor,
     extract,
     preprocess,
@@ -169,8 +170,9 @@ def train_segmentation(model, train, val, output, *, num_classes: int | None = N
     segmenter = Dinov2ForSemanticSegmentation(seg_config)
     segmenter.dinov2.load_meta_state_dict(backbone.vit.state_dict(), None)
     segmenter.eval()
+    processor = dense_processor(size)
+    check_processor(processor, segmenter.config.patch_size)
     with staged_output(Path(output), "dinokit segment train", ARCHITECTURE) as staging:
-        processor = dense_processor(size)
         extractor = SegmentationFeatures(segmenter)
         train_features = split_features(extractor, train_split, processor, cache_dir, progress)
         val_features = split_features(extractor, val_split, processor, cache_dir, progress)
@@ -221,8 +223,8 @@ def segment_image(segmenter, processor, image_path: Path) -> tuple[np.ndarray, I
     from dinokit.processing import load_image
 
     image = load_image(image_path)
-    pixels = preprocess(image_path, processor)
     patch = segmenter.config.patch_size
+    pixels = preprocess(image_path, processor, patch)
     logits = segmenter(center_pad(pixels, patch)).logits[0]
     mask = to_image(logits, tuple(pixels.shape[-2:]), patch, (image.height, image.width)).argmax(0)
     return mask.numpy().astype(np.uint8), image
@@ -232,6 +234,7 @@ def predict_segmentation(inputs, model, output, progress: bool = True) -> list[P
     """Write PRED/<stem>.png (palette PNG of class indices) and PRED/<stem>_overlay.png for each image."""
     images = [p for item in ([inputs] if isinstance(inputs, (str, Path)) else inputs) for p in data.list_images(item)]
     segmenter, processor = load_segmenter(model)
+    check_processor(processor, segmenter.config.patch_size, None, str(model))
 
     def predict(path: Path):
         mask, image = segment_image(segmenter, processor, path)
