@@ -197,13 +197,13 @@ def test_training_checkpoint_loads_as_its_backbone_with_the_trained_head_count(t
 
 
 # ------------------------------------------------------------------------------------------ presets
-def test_preset_typo_fails_at_once_naming_the_presets(capsys):
-    import time
+def test_preset_typo_fails_at_once_naming_the_presets(monkeypatch):
+    def hub(*args, **kwargs):
+        raise AssertionError("a preset typo was sent to the hub (slow retries, then a confusing error)")
 
-    start = time.monotonic()
+    monkeypatch.setattr(Dinov2Model, "from_pretrained", hub)  # at once = without asking the hub
     with pytest.raises(ValueError, match=r"vits41.*did you mean 'vits14'"):
         load_model("vits41")
-    assert time.monotonic() - start < 2  # no hub retries
 
 
 def test_preset_name_says_it_has_random_weights(caplog):

@@ -83,13 +83,17 @@ def test_a_waiting_lock_gets_the_folder_once_the_holder_releases_it(tmp_path, ca
     got = []
     waiter = threading.Thread(target=lambda: got.append(locking.acquire(tmp_path, "dinokit eval", wait=True)))
     waiter.start()
-    time.sleep(0.3)
+    said = ""
+    deadline = time.monotonic() + 120  # only a hang fails: the event awaited is the waiter saying it waits
+    while "waiting for PID" not in said:  # released earlier, the waiter would never have had to wait
+        assert waiter.is_alive() and time.monotonic() < deadline, f"the waiter did not wait: {got}, {said!r}"
+        time.sleep(0.01)
+        said += capsys.readouterr().err
     assert got == []
     first.release()
-    waiter.join(timeout=30)
+    waiter.join(timeout=120)
     assert len(got) == 1 and got[0].fd is not None
     got[0].release()
-    assert "waiting for PID" in capsys.readouterr().err
 
 
 def test_lock_file_beside_a_folder_that_gets_replaced(tmp_path):

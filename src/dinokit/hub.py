@@ -49,6 +49,8 @@ def resolve_file(path_or_id: str | os.PathLike, filename: str, *, required: bool
     try:
         return Path(hf_hub_download(text, filename, revision=revision, cache_dir=cache_dir))
     except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
+        if not required and _in_cache(text, revision, cache_dir):
+            return None  # the model is cached without this optional file: it has none (transformers reads it so)
         raise HubError(
             f"Could not reach the Hugging Face Hub for {text!r} ({filename}) and it is not in the local cache. "
             f"Download the model elsewhere and pass its local directory instead, e.g. "
@@ -69,3 +71,11 @@ def resolve_file(path_or_id: str | os.PathLike, filename: str, *, required: bool
             f"If you are offline, download the model elsewhere and pass its local directory instead, e.g. "
             f"from_pretrained('/path/to/{text.split('/')[-1]}'); files already in the cache load with "
             f"HF_HUB_OFFLINE=1.") from None
+
+
+def _in_cache(hub_id: str, revision: str | None, cache_dir: str | None) -> bool:
+    """Whether the cache holds this revision of the repo (its config.json): then a file missing from it is one
+    the repo does not have (e.g. the index of a model that is not sharded), since downloads fetch whole models."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json", cache_dir=cache_dir, revision=revision), str)

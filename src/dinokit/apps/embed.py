@@ -27,7 +27,6 @@ Pooling: "cls" (the CLS token after the final norm), "mean" (mean of the patch t
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import sys
@@ -44,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinokit import atomic, locking
 from dinokit.apps import store
-from dinokit.data import sources
+from dinokit.data import loading, sources
 from dinokit.data.images import display_path, pil_to_rgb, read_image
 from dinokit.extras import require
 
@@ -478,21 +477,6 @@ def runnable_model(model: nn.Module, int8: bool) -> nn.Module:
 DECODE_NICENESS = 5
 
 
-def _without_copy_on_write(loader: DataLoader):
-    """Iterate `loader` with this process's Python objects frozen while its workers fork: otherwise the first
-    garbage collection in each worker writes to every object's header and copies the parent's whole Python heap
-    into the worker (hundreds of MB per worker in a process that has imported transformers)."""
-    if not loader.num_workers:
-        yield from loader
-        return
-    gc.freeze()
-    try:
-        iterator = iter(loader)  # the workers fork here
-    finally:
-        gc.unfreeze()
-    yield from iterator
-
-
 def default_num_workers(device: torch.device) -> int:
     """Decoding processes: on a GPU every core may decode (up to 8). A CPU model's threads take every core, and
     decoding is ~3% of the work (4 ms against ~120 ms an image for ViT-S/14): on up to 4 cores it runs in this
@@ -528,19 +512,20 @@ def _embed_shards(plan: Plan, model, output_dir, shards, num_workers, device, sh
     bar = tqdm(total=total, unit="img", desc="embed", disable=not show_progress, smoothing=0.1, dynamic_ncols=True)
 
     current, parts = None, []
-    for batch in _without_copy_on_write(loader):
-        shard = (batch.indices or [i for i, _ in batch.failed])[0] // plan.shard_size
-        if current is None:
-            current = shard
-        features = None
-        if batch.pixels is not None:
-            features = embed_pixels(model, batch.pixels.to(device, non_blocking=True), plan.pooling,
-                                    plan.normalize)
-        parts.append(BatchResult(batch.indices, features, batch.sizes, batch.failed))
-        bar.update(len(batch.indices) + len(batch.failed))
-        if sum(len(p.indices) + len(p.failed) for p in parts) == len(plan.shard_range(current)):
-            write_shard(plan, output_dir, current, parts)  # the shard's last batch
-            current, parts = None, []
+    with loading.batches(loader) as loaded:  # Ctrl-C kills the decoding workers: none can hold up the exit
+        for batch in loaded:
+            shard = (batch.indices or [i for i, _ in batch.failed])[0] // plan.shard_size
+            if current is None:
+                current = shard
+            features = None
+            if batch.pixels is not None:
+                features = embed_pixels(model, batch.pixels.to(device, non_blocking=True), plan.pooling,
+                                        plan.normalize)
+            parts.append(BatchResult(batch.indices, features, batch.sizes, batch.failed))
+            bar.update(len(batch.indices) + len(batch.failed))
+            if sum(len(p.indices) + len(p.failed) for p in parts) == len(plan.shard_range(current)):
+                write_shard(plan, output_dir, current, parts)  # the shard's last batch
+                current, parts = None, []
     bar.close()
 
 
