@@ -1,6 +1,6 @@
 """The demo: a few CPU minutes of DINOv2 pretraining on real images, then what the model learned.
 
-`run_demo(output_dir, data=None, minutes=3)`:
+`run_demo(output_dir, data=None, minutes=3.5)`:
 1. images: scikit-learn's handwritten digits (1,797 real 8x8 scans, upsampled to 16 px, written as an ImageFolder
    tree under `output_dir/digits`) trained with the `cpu_demo_digits` preset, or `data` (an ImageFolder tree
    <class>/<image> for k-NN, or any folder) with `cpu_micro_cifar` at 32 px;
@@ -176,7 +176,7 @@ def plan_iterations(cfg, dataset, minutes: float, steps: int = 3) -> tuple[int, 
     return max(40, int(minutes * 60 / seconds * 1.1)), seconds
 
 
-def run_demo(output_dir="dinokit_demo", data=None, minutes: float = 3.0, threads: int | None = 1,
+def run_demo(output_dir="dinokit_demo", data=None, minutes: float = 3.5, threads: int | None = 1,
              overrides: list[str] | None = None) -> dict:
     """Pretrain for `minutes`, then print and return k-NN accuracies (random init, raw pixels, trained) and the
     paths of the two pictures. `overrides`: extra `section.key=value` training settings. `threads`: torch threads
@@ -286,8 +286,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="dinokit demo: a few CPU minutes of DINOv2 pretraining")
     parser.add_argument("--output", default="dinokit_demo")
     parser.add_argument("--data", default=None)
-    parser.add_argument("--minutes", type=float, default=3.0)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--minutes", type=float, default=3.5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a loaded machine)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_demo(args.output, args.data, args.minutes, args.threads)
