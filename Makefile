@@ -14,7 +14,8 @@ $(STAMP): $(PY) pyproject.toml requirements-dev.txt
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# make demo [DATA=<image folder>] [MINUTES=3]: pretrain a tiny DINOv2 on the CPU, k-NN vs random init, PCA picture.
+# make demo [DATA=<image folder>] [MINUTES=3.5]: pretrain a tiny DINOv2 on the CPU; k-NN of random init, raw
+# pixels and the trained model; nearest-neighbour and PCA pictures.
 demo: $(STAMP)
 	$(PY) -m dinokit.demo $(if $(DATA),--data $(DATA)) $(if $(MINUTES),--minutes $(MINUTES))
 

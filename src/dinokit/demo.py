@@ -1,10 +1,11 @@
 """`make demo`: DINOv2 pretraining on the CPU, then the transformers example, end to end and offline.
 
 Part 1 (the main job, `dinokit.ssl.demo`): a few minutes of self-supervised pretraining of a tiny DINOv2 on
-scikit-learn's handwritten digits (or `--data DIR`), k-NN accuracy of the result next to the same architecture
-at random init, and a picture of the patch features (PCA -> RGB). Part 2: builds a ViT-S/14 (random weights:
-nothing can be downloaded here), saves it in Hugging Face layout, loads it back with `AutoModel` /
-`AutoImageProcessor`, embeds the real photographs that ship with scikit-learn, and prints shapes, norms and timing.
+scikit-learn's handwritten digits (or `--data DIR`); k-NN accuracy of random init, raw pixels and the trained
+model side by side; two pictures: nearest neighbours of a few digits, and the patch features (PCA -> RGB).
+Part 2: builds a ViT-S/14 (random weights: nothing can be downloaded here), saves it in Hugging Face layout,
+loads it back with `AutoModel` / `AutoImageProcessor`, embeds the real photographs that ship with scikit-learn,
+and prints shapes, norms and timing.
 `--skip-training` runs part 2 only.
 """
 
@@ -83,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output", type=Path, default=None, help="keep the saved model here")
     parser.add_argument("--data", default=None, help="pretrain on this image folder instead of the digits")
-    parser.add_argument("--minutes", type=float, default=3.0, help="pretraining wall-clock budget")
+    parser.add_argument("--minutes", type=float, default=3.5, help="pretraining wall-clock budget")
     parser.add_argument("--demo-dir", type=Path, default=Path("dinokit_demo"),
                         help="where part 1 writes its run, images and picture")
     parser.add_argument("--skip-training", action="store_true", help="run the inference part only")
     args = parser.parse_args(argv)
+    start = time.perf_counter()
+    result = None
     if not args.skip_training:
         import logging
 
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         source = args.data or "scikit-learn's handwritten digits"
         print(f"Part 1. DINOv2 pretraining on the CPU: {args.minutes:g} min on {source}")
-        run_demo(args.demo_dir, args.data, args.minutes)
+        result = run_demo(args.demo_dir, args.data, args.minutes)
         print("\nPart 2. The transformers example on dinokit")
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
@@ -104,7 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             inference_demo(Path(tmp))
+    if result is not None:
+        print(summary(result, time.perf_counter() - start))
     return 0
+
+
+def summary(result: dict, seconds: float) -> str:
+    """The demo's last lines: what part 1 measured and where its pictures are."""
+    lines = [f"\nSummary ({seconds / 60:.1f} min in all): {result['iterations']} DINOv2 steps "
+             f"(preset {result['preset']})."]
+    if "knn_trained" in result:
+        lines.append(f"  k-NN top-1: random init {result['knn_random_init']:.1f}%, raw pixels "
+                     f"{result['knn_raw_pixels']:.1f}%, trained {result['knn_trained']:.1f}%")
+        lines.append(f"  nearest neighbours: {result['neighbours_picture']}")
+    lines.append(f"  patch-feature PCA:  {result['pca_picture']}")
+    lines.append(f"  trained model (Hugging Face layout): {result['exported']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
