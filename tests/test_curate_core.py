@@ -228,3 +228,20 @@ def test_cluster_based_retrieval_takes_clusters_with_more_than_m_seed_hits_and_c
     capped = retrieval.cluster_based(level.labels, level.centroids, seeds, min_seed_hits=1, per_cluster=1000,
                                      cap=150)
     assert capped.clusters == 2 and len(capped.rows) == 150
+
+
+def test_readme_toy_rings_small_rings_get_far_more_than_their_share():
+    # spec §3.5/§7.3, scaled down 10x: rings of 2000/20/100/50/800 points; uniform picks give the 20-point ring
+    # 100 * 20 / 2970 = 0.7 of 100 images.
+    rng = np.random.default_rng(14)
+    counts, radii = [2000, 20, 100, 50, 800], [1, 2, 3, 4, 5]
+    angle = [rng.uniform(0, 2 * np.pi, m) for m in counts]
+    x = np.concatenate([np.c_[r * np.cos(a), r * np.sin(a)] for r, a in zip(radii, angle)])
+    x = (x + 0.05 * rng.normal(size=x.shape)).astype(np.float32)
+    ring = np.repeat(np.arange(5), counts)
+    levels = [hierarchy.cluster_level(x, 100, n_iters=20, resample_steps=3, sample_size=15)]
+    levels.append(hierarchy.cluster_level(levels[0].centroids, 30, n_iters=20, resample_steps=3, sample_size=2))
+    rows, _ = sampling.sample(levels, 100, rng=np.random.default_rng(0))
+    picked = np.bincount(ring[rows], minlength=5)
+    assert picked[1] >= 3, picked  # >= 4x its share
+    assert picked[0] < 0.75 * 100 * 2000 / 2970, picked  # the dominant ring well under its share
