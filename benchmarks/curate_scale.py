@@ -105,7 +105,7 @@ def main():
     levels, level_input = [], survivors
     for i, k in enumerate(ks):
         level = stage(f"k-means level {i + 1}: {len(level_input):,} -> {k:,}",
-                      lambda: hierarchy.cluster_level(level_input, k, n_iters=args.iters,
+                      lambda level_input=level_input, k=k, i=i: hierarchy.cluster_level(level_input, k, n_iters=args.iters,
                                                       resample_steps=args.resample_steps,
                                                       rng=np.random.default_rng(i)))
         levels.append(level)

@@ -64,12 +64,12 @@ def main():
         rng = np.random.default_rng(run)
         x = data(rng)
         methods = {
-            "raw data (300 points)": lambda: x[rng.choice(len(x), 300, replace=False)],
-            "k-means 300": lambda: hierarchical(x, [300], 0, None, run),
-            "2 levels 1500,300": lambda: hierarchical(x, [1500, 300], 0, None, run),
-            "3 levels 3000,1000,300": lambda: hierarchical(x, [3000, 1000, 300], 0, None, run),
-            "3 levels + resampling (sizes 2,2,2)": lambda: hierarchical(x, [3000, 1000, 300], 10, [2, 2, 2], run),
-            "300 uniform points (bound)": lambda: rng.uniform(-3, 3, size=(300, 2)),
+            "raw data (300 points)": lambda x=x, rng=rng: x[rng.choice(len(x), 300, replace=False)],
+            "k-means 300": lambda x=x, run=run: hierarchical(x, [300], 0, None, run),
+            "2 levels 1500,300": lambda x=x, run=run: hierarchical(x, [1500, 300], 0, None, run),
+            "3 levels 3000,1000,300": lambda x=x, run=run: hierarchical(x, [3000, 1000, 300], 0, None, run),
+            "3 levels + resampling (sizes 2,2,2)": lambda x=x, run=run: hierarchical(x, [3000, 1000, 300], 10, [2, 2, 2], run),
+            "300 uniform points (bound)": lambda rng=rng: rng.uniform(-3, 3, size=(300, 2)),
         }
         for name, method in methods.items():
             start = time.perf_counter()
@@ -78,7 +78,7 @@ def main():
             rows[name].append(kl_to_uniform(points))
         print(f"run {run + 1}/{args.runs} done", flush=True)
     print(f"\nCPU: {platform.processor() or platform.machine()}; {args.runs} runs (data seeds 0..{args.runs - 1})")
-    print(f"| method | published KL | dinokit KL (mean +- std over runs) | seconds per run |\n|---|---|---|---|")
+    print("| method | published KL | dinokit KL (mean +- std over runs) | seconds per run |\n|---|---|---|---|")
     for name in PUBLISHED:
         v = np.array(rows[name])
         print(f"| {name} | {PUBLISHED[name]:.3f} | {v.mean():.3f} +- {v.std():.3f} | {np.mean(seconds[name]):.1f} |")
