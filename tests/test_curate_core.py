@@ -245,3 +245,29 @@ def test_readme_toy_rings_small_rings_get_far_more_than_their_share():
     picked = np.bincount(ring[rows], minlength=5)
     assert picked[1] >= 3, picked  # >= 4x its share
     assert picked[0] < 0.75 * 100 * 2000 / 2970, picked  # the dominant ring well under its share
+
+
+def test_torch_assignment_path_equals_faiss():
+    # the CUDA path's arithmetic, run on the CPU (no GPU here): same labels, same distances
+    x, _ = gaussian_mixture([300, 200, 100], seed=15)
+    c = x[::37]
+    labels, dist = kmeans.assign(x, c)
+    torch_labels, torch_dist = kmeans._assign_torch(x, c, "cpu", 128)
+    np.testing.assert_array_equal(labels, torch_labels)
+    np.testing.assert_allclose(dist, torch_dist, rtol=1e-4, atol=1e-4)
+
+
+def test_ivf_knn_graph_finds_planted_copies_like_the_exact_one():
+    from dinokit.curate import dedup
+
+    rng = np.random.default_rng(16)
+    x = rng.normal(size=(4000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    planted = rng.choice(len(x), 100, replace=False)
+    copies = x[planted] + 0.003 * rng.normal(size=(100, 32)).astype(np.float32)
+    pool = np.concatenate([x, copies / np.linalg.norm(copies, axis=1, keepdims=True)])
+    exact = dedup.self_dedup(pool, 0.98, k=8)
+    approximate = dedup.self_dedup(pool, 0.98, k=8, exact_max=1000)  # IVF-Flat
+    for result in (exact, approximate):
+        assert np.mean(result.component[planted] == result.component[len(x):]) >= 0.95
+        assert result.keep.sum() == len(x)
