@@ -104,10 +104,10 @@ def main():
     ks = hierarchy.default_levels(len(survivors))
     levels, level_input = [], survivors
     for i, k in enumerate(ks):
-        level = stage(f"k-means level {i + 1}: {len(level_input):,} -> {k:,}",
-                      lambda level_input=level_input, k=k, i=i: hierarchy.cluster_level(level_input, k, n_iters=args.iters,
-                                                      resample_steps=args.resample_steps,
-                                                      rng=np.random.default_rng(i)))
+        def run_level(level_input=level_input, k=k, i=i):
+            return hierarchy.cluster_level(level_input, k, n_iters=args.iters, resample_steps=args.resample_steps,
+                                           rng=np.random.default_rng(i))
+        level = stage(f"k-means level {i + 1}: {len(level_input):,} -> {k:,}", run_level)
         levels.append(level)
         level_input = level.centroids
     target = len(survivors) // 10
