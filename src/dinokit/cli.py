@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "dinokit.eval.cli",
     "dinokit.export.cli",
     "dinokit.dense.cli",
+    "dinokit.curate.cli",
 ]
 
 # The hint for commands whose output folder keeps finished work (embed shards, cached features).

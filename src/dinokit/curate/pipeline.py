@@ -1,0 +1,445 @@
+"""`dinokit curate`: the stages in order, each resumable and each writing its result atomically.
+
+    OUT/dedup/       keep.npy, component.npy, nearest.npy (over pool rows), groups.csv, nn_similarity.{json,png}
+    OUT/decontam/    keep.npy (over pool rows), removed.csv
+    OUT/clusters/    rows.npy (pool rows clustered), level{l}.npy (parent of each level input row),
+                     centroids_level{l}.npy, sqdist_level{l}.npy, level{l}.json (written last: the level is done)
+    OUT/sampling/    rows.npy, times.npy (pool rows picked by balanced sampling)
+    OUT/retrieval/   {name}_rows.npy, {name}_times.npy, {name}.json
+    OUT/.stages/     {stage}.json: the fingerprint of the stage's parameters and inputs, written after its files
+    OUT/selected.parquet, selected.txt, report.html (+ PNGs), manifest.json (written last, `complete`)
+
+A rerun skips every stage whose fingerprint (its parameters plus the fingerprints of the stages before it)
+matches what is recorded, and redoes the rest; a kill leaves at worst one stage or k-means level to redo.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dinokit import __version__, atomic, locking
+from dinokit.curate import dedup as dedup_stage
+from dinokit.curate import hierarchy, inputs, knn, retrieval, sampling
+from dinokit.curate.hierarchy import Level
+
+STAGES = ("dedup", "decontam", "kmeans", "sample", "retrieve")
+DEFAULT_EXCLUDE_THRESHOLD = 0.90  # stricter (lower) than self-dedup's, as DINOv2's 0.45 vs 0.6
+
+
+@dataclass
+class CurateOptions:
+    target: int | None = None
+    fraction: float | None = None
+    stages: tuple[str, ...] | None = None  # None: every stage the other options call for
+    dedup_threshold: float = dedup_stage.DEFAULT_THRESHOLD
+    exclude_threshold: float = DEFAULT_EXCLUDE_THRESHOLD
+    k: int = knn.DEFAULT_K
+    exact_max: int = knn.EXACT_MAX
+    levels: list[int] | None = None  # cluster counts, level 1 first; None: hierarchy.default_levels(N)
+    n_iters: int = 50
+    resample_steps: list[int] | int = hierarchy.DEFAULT_RESAMPLE_STEPS
+    sample_sizes: list[int] | None = None  # None: half the mean cluster size per level
+    n_splits: int = 1
+    precision: str = "float32"
+    device: str = "cpu"
+    multiplier: int = 1
+    leaf: str = "random"
+    retrieval: str = "auto"
+    per_seed: int = 4
+    min_seed_hits: int = 3
+    per_cluster: int = 10_000
+    cap: int = 1_000_000
+    random_seed: int = 0
+
+
+@dataclass
+class CurateReport:
+    output: str
+    counts: dict = field(default_factory=dict)
+    stages_run: list[str] = field(default_factory=list)
+    stages_reused: list[str] = field(default_factory=list)
+    num_selected: int = 0
+
+
+def _log_to(quiet: bool):
+    start = time.monotonic()
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(f"[curate {time.monotonic() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
+    return log
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array))
+    atomic.atomic_write(path, write)
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fingerprint_vectors(vectors: np.ndarray) -> str:
+    step = max(1, len(vectors) // 1024)
+    return hashlib.sha256(vectors[::step].tobytes() + str(vectors.shape).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """Records which stage results in OUT are current: `.stages/{name}.json` holds their fingerprint."""
+
+    def __init__(self, out: Path):
+        self.folder = out / ".stages"
+
+    def done(self, name: str, fingerprint: str) -> dict | None:
+        path = self.folder / f"{name}.json"
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        return record if record.get("fingerprint") == fingerprint else None
+
+    def mark(self, name: str, fingerprint: str, summary: dict) -> None:
+        text = json.dumps({"fingerprint": fingerprint, "summary": summary}, indent=2) + "\n"
+        atomic.write_text(self.folder / f"{name}.json", text)
+
+
+def plan_stages(options: CurateOptions, has_seeds: bool, has_excludes: bool) -> tuple[str, ...]:
+    wants_sample = options.target is not None or options.fraction is not None
+    if options.stages is None:
+        chosen = ["dedup"] + (["decontam"] if has_excludes else []) + ["kmeans"]
+        chosen += (["sample"] if wants_sample else []) + (["retrieve"] if has_seeds else [])
+        return tuple(chosen)
+    unknown = set(options.stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    chosen = tuple(s for s in STAGES if s in options.stages)
+    if "sample" in chosen and not wants_sample:
+        raise ValueError("the sample stage needs a budget: give --target N or --fraction F")
+    if "decontam" in chosen and not has_excludes:
+        raise ValueError("the decontam stage needs evaluation embeddings: give --exclude NAME=EMB")
+    if "retrieve" in chosen and not has_seeds:
+        raise ValueError("the retrieve stage needs seed embeddings: give --seed NAME=EMB")
+    needs_clusters = "sample" in chosen or ("retrieve" in chosen and options.retrieval != "sample")
+    if needs_clusters and "kmeans" not in chosen:
+        raise ValueError("balanced sampling and cluster-based retrieval need the kmeans stage: add it to --stages")
+    return chosen
+
+
+def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, str]] = (),
+           excludes: list[tuple[str, str]] = (), options: CurateOptions | None = None,
+           quiet: bool = False) -> CurateReport:
+    options = options or CurateOptions()
+    out = Path(output)
+    log = _log_to(quiet)
+    if options.target is not None and options.fraction is not None:
+        raise ValueError("give --target or --fraction, not both")
+    if options.fraction is not None and not 0 < options.fraction <= options.multiplier:
+        raise ValueError(f"--fraction must be in (0, multiplier={options.multiplier}], got {options.fraction}")
+    if options.target is not None and options.target < 1:
+        raise ValueError(f"--target must be a positive number of images, got {options.target}")
+    stages = plan_stages(options, bool(seeds), bool(excludes))
+
+    pool = inputs.load_set(pool_path, "pool")
+    seed_sets = [inputs.load_set(path, name) for name, path in seeds]
+    exclude_sets = [inputs.load_set(path, name) for name, path in excludes]
+    inputs.check_compatible(pool, seed_sets + exclude_sets)
+    if len({name for name, _ in seeds}) != len(seeds):
+        raise ValueError("two --seed sets have the same NAME")
+    log(f"pool {pool.source}: {len(pool):,} x {pool.dim}; stages: {', '.join(stages)}")
+
+    with locking.acquire(out, "dinokit curate"):
+        atomic.remove_stale_temporaries(out, recursive=True)
+        (out / "manifest.json").unlink(missing_ok=True)  # a finished-looking folder only once everything is
+        run = _Run(out, pool, options, log)
+        keep = run.dedup(stages)
+        keep = run.decontaminate(stages, keep, exclude_sets)
+        survivors = np.flatnonzero(keep)
+        run.check_budget(stages, survivors)  # before k-means: a budget the pool cannot meet fails at once
+        levels = run.kmeans(stages, survivors)
+        balanced = run.sample(stages, survivors, levels)
+        retrieved = run.retrieve(stages, survivors, levels, seed_sets)
+        selection = _write_selection(out, pool, survivors, levels, balanced, retrieved)
+        run.counts["selected_images"] = int(len(selection["rows"]))
+        run.counts["selected_with_repeats"] = int(selection["times"].sum())
+        from dinokit.curate.report import write_report
+
+        write_report(out, pool, run.counts, levels, survivors, selection, options)
+        manifest = {
+            "complete": True, "dinokit_version": __version__, "pool": pool.source,
+            "pool_manifest_model": (pool.manifest.get("model") or {}).get("spec"),
+            "num_pool": len(pool), "dim": pool.dim, "stages": list(stages), "options": asdict(options),
+            "seeds": {s.name: {"source": s.source, "images": len(s)} for s in seed_sets},
+            "excludes": {s.name: {"source": s.source, "images": len(s)} for s in exclude_sets},
+            "keep_rule": dedup_stage.KEEP_RULE, "counts": run.counts,
+            "levels": [lv.k for lv in levels] if levels else [],
+        }
+        atomic.write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    log(f"done: {run.counts.get('selected_images', 0):,} images selected -> {out}")
+    return CurateReport(str(out), run.counts, run.ran, run.reused, run.counts.get("selected_images", 0))
+
+
+class _Run:
+    def __init__(self, out: Path, pool: inputs.EmbeddingSet, options: CurateOptions, log):
+        self.out, self.pool, self.options, self.log = out, pool, options, log
+        self.stages = Stages(out)
+        self.fingerprint = _hash("pool", _fingerprint_vectors(pool.vectors), options.random_seed)
+        self.counts = {"pool": len(pool)}
+        self.ran, self.reused = [], []
+
+    def _step(self, name: str, params) -> tuple[str, dict | None]:
+        self.fingerprint = _hash(name, params, self.fingerprint)
+        record = self.stages.done(name, self.fingerprint)
+        (self.reused if record else self.ran).append(name)
+        if record:
+            self.log(f"{name}: done earlier, reusing its results")
+        return self.fingerprint, record
+
+    # ------------------------------------------------------------------------------ dedup
+    def dedup(self, stages) -> np.ndarray:
+        o = self.options
+        if "dedup" not in stages:
+            return np.ones(len(self.pool), dtype=bool)
+        fp, record = self._step("dedup", [o.dedup_threshold, o.k, o.exact_max])
+        folder = self.out / "dedup"
+        if record is None:
+            self.log(f"dedup: {o.k}-NN graph of {len(self.pool):,} images, threshold {o.dedup_threshold}")
+            result = dedup_stage.self_dedup(self.pool.vectors, o.dedup_threshold, k=o.k, names=self.pool.paths,
+                                            pixels=self.pool.pixels, exact_max=o.exact_max, log=self.log)
+            _write_groups(folder / "groups.csv", self.pool, result)
+            counts, edges = knn.nn_histogram(result.nearest)
+            histogram = {"bin_edges": edges.round(4).tolist(), "counts": counts.tolist(),
+                         "threshold": o.dedup_threshold, "kind": "cosine similarity to the nearest other image",
+                         "quantiles": {str(q): float(np.quantile(result.nearest, q)) for q in
+                                       (0.01, 0.1, 0.5, 0.9, 0.99, 0.999)}}
+            atomic.write_text(folder / "nn_similarity.json", json.dumps(histogram, indent=1) + "\n")
+            save_npy(folder / "component.npy", result.component)
+            save_npy(folder / "nearest.npy", result.nearest)
+            save_npy(folder / "keep.npy", result.keep)
+            self.stages.mark("dedup", fp, {"kept": int(result.keep.sum()), "edges": result.num_edges})
+        keep = np.load(folder / "keep.npy")
+        self.counts["after_dedup"] = int(keep.sum())
+        self.log(f"dedup: {int(keep.sum()):,} of {len(keep):,} kept")
+        return keep
+
+    # ------------------------------------------------------------------------------ decontamination
+    def decontaminate(self, stages, keep: np.ndarray, references: list[inputs.EmbeddingSet]) -> np.ndarray:
+        o = self.options
+        if "decontam" not in stages:
+            return keep
+        fp, record = self._step("decontam", [o.exclude_threshold, o.k, [(r.name, _fingerprint_vectors(r.vectors))
+                                                                        for r in references]])
+        folder = self.out / "decontam"
+        if record is None:
+            rows = np.flatnonzero(keep)
+            reference = np.concatenate([r.vectors for r in references])
+            owners = np.concatenate([[i] * len(r) for i, r in enumerate(references)]).astype(int)
+            ref_names = [f"{r.name}:{n}" for r in references for n in r.names()]
+            self.log(f"decontam: {len(rows):,} pool images against {len(reference):,} evaluation images, "
+                      f"threshold {o.exclude_threshold}")
+            result = dedup_stage.decontaminate(self.pool.vectors[rows], reference, o.exclude_threshold, k=o.k,
+                                               exact_max=o.exact_max, log=self.log)
+            names = self.pool.names()
+            removed = [[int(rows[i]), names[rows[i]], references[owners[result.nearest_reference[i]]].name,
+                        ref_names[result.nearest_reference[i]], round(float(result.similarity[i]), 6)]
+                       for i in np.flatnonzero(result.drop)]
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "w", newline="") as f:
+                    writer = csv.writer(f)
+                    writer.writerow(["row", "path", "exclude_set", "nearest_reference", "similarity"])
+                    writer.writerows(removed)
+            atomic.atomic_write(folder / "removed.csv", write)
+            new_keep = keep.copy()
+            new_keep[rows[result.drop]] = False
+            save_npy(folder / "keep.npy", new_keep)
+            self.stages.mark("decontam", fp, {"removed": len(removed)})
+        new_keep = np.load(folder / "keep.npy")
+        self.counts["after_decontam"] = int(new_keep.sum())
+        self.log(f"decontam: {int(keep.sum() - new_keep.sum()):,} removed")
+        return new_keep
+
+    # ------------------------------------------------------------------------------ hierarchical k-means
+    def kmeans(self, stages, survivors: np.ndarray) -> list[Level] | None:
+        o = self.options
+        if "kmeans" not in stages:
+            return None
+        if len(survivors) == 0:
+            raise ValueError("no images are left to cluster after dedup and decontamination; check the thresholds")
+        ks = list(o.levels) if o.levels else hierarchy.default_levels(len(survivors))
+        steps = o.resample_steps if isinstance(o.resample_steps, list) else [o.resample_steps] * len(ks)
+        if len(steps) != len(ks) or (o.sample_sizes is not None and len(o.sample_sizes) != len(ks)):
+            raise ValueError(f"{len(ks)} levels ({ks}) but {len(steps)} resampling step counts"
+                             + (f" and {len(o.sample_sizes)} sample sizes" if o.sample_sizes else ""))
+        if o.n_splits > 1:
+            steps[0] = 0  # a split first level is not resampled (as in the reference)
+        fp, record = self._step("kmeans", [ks, steps, o.sample_sizes, o.n_iters, o.n_splits, o.precision])
+        folder = self.out / "clusters"
+        if record is None:
+            save_npy(folder / "rows.npy", survivors)
+            level_input = self.pool.vectors[survivors]
+            for i, k in enumerate(ks):
+                number = i + 1
+                level_fp = _hash(fp, number)
+                info = folder / f"level{number}.json"
+                if info.is_file() and json.loads(info.read_text()).get("fingerprint") == level_fp:
+                    self.log(f"kmeans level {number}: done earlier")
+                else:
+                    size = o.sample_sizes[i] if o.sample_sizes else None
+                    self.log(f"kmeans level {number}: {len(level_input):,} inputs -> {k:,} clusters, "
+                             f"{steps[i]} resampling steps")
+                    level = hierarchy.cluster_level(
+                        level_input, k, n_iters=o.n_iters, resample_steps=steps[i], sample_size=size,
+                        n_splits=o.n_splits if number == 1 else 1, precision=o.precision, device=o.device,
+                        rng=np.random.default_rng([o.random_seed, number]), log=self.log)
+                    save_npy(folder / f"level{number}.npy", level.labels.astype(np.int32))
+                    save_npy(folder / f"centroids_level{number}.npy", level.centroids)
+                    save_npy(folder / f"sqdist_level{number}.npy", level.sqdist)
+                    atomic.write_text(info, json.dumps({"fingerprint": level_fp, "k": level.k,
+                                                        "inputs": len(level.labels)}) + "\n")
+                level_input = np.load(folder / f"centroids_level{number}.npy")
+            self.stages.mark("kmeans", fp, {"levels": len(ks)})
+        levels = self.load_levels(len(ks))
+        self.counts["clusters_per_level"] = [lv.k for lv in levels]
+        return levels
+
+    def load_levels(self, n: int) -> list[Level]:
+        folder = self.out / "clusters"
+        return [Level(np.load(folder / f"level{i}.npy").astype(np.int64), np.load(folder / f"centroids_level{i}.npy"),
+                      np.load(folder / f"sqdist_level{i}.npy")) for i in range(1, n + 1)]
+
+    # ------------------------------------------------------------------------------ balanced sampling
+    def check_budget(self, stages, survivors: np.ndarray) -> int | None:
+        o = self.options
+        if "sample" not in stages:
+            return None
+        target = o.target if o.target is not None else max(1, int(round(o.fraction * len(survivors))))
+        if target > len(survivors) * o.multiplier:
+            raise ValueError(f"--target {target:,} is more than the {len(survivors):,} images left after dedup and "
+                             f"decontamination x --multiplier {o.multiplier}; lower --target or raise --multiplier.")
+        return target
+
+    def sample(self, stages, survivors: np.ndarray, levels) -> tuple[np.ndarray, np.ndarray] | None:
+        o = self.options
+        if "sample" not in stages:
+            return None
+        target = self.check_budget(stages, survivors)
+        fp, record = self._step("sample", [target, o.multiplier, o.leaf])
+        folder = self.out / "sampling"
+        if record is None:
+            self.log(f"sample: {target:,} images over {len(levels)} levels ({o.leaf} at the leaves)")
+            rows, times = sampling.sample(levels, target, multiplier=o.multiplier, leaf=o.leaf,
+                                          rng=np.random.default_rng([o.random_seed, 99]))
+            save_npy(folder / "rows.npy", survivors[rows])
+            save_npy(folder / "times.npy", times)
+            self.stages.mark("sample", fp, {"target": target, "distinct": len(rows)})
+        rows, times = np.load(folder / "rows.npy"), np.load(folder / "times.npy")
+        self.counts["target"] = target
+        self.counts["balanced_distinct"] = len(rows)
+        return rows, times
+
+    # ------------------------------------------------------------------------------ retrieval
+    def retrieve(self, stages, survivors: np.ndarray, levels, seed_sets) -> list[retrieval.Retrieved]:
+        o = self.options
+        if "retrieve" not in stages:
+            return []
+        params = [o.retrieval, o.per_seed, o.min_seed_hits, o.per_cluster, o.cap,
+                  [(s.name, _fingerprint_vectors(s.vectors)) for s in seed_sets]]
+        fp, record = self._step("retrieve", params)
+        folder = self.out / "retrieval"
+        if record is None:
+            pool_vectors = self.pool.vectors[survivors]
+            for number, seed in enumerate(seed_sets):
+                mode = retrieval.choose_mode(o.retrieval, len(seed))
+                self.log(f"retrieve {seed.name}: {mode}-based from {len(seed):,} seed images")
+                if mode == "sample":
+                    got = retrieval.sample_based(pool_vectors, seed.vectors, o.per_seed, seed.name, o.exact_max)
+                else:
+                    got = retrieval.cluster_based(levels[0].labels, levels[0].centroids, seed.vectors,
+                                                  min_seed_hits=o.min_seed_hits, per_cluster=o.per_cluster,
+                                                  cap=o.cap, name=seed.name, device=o.device,
+                                                  rng=np.random.default_rng([o.random_seed, 7, number]))
+                save_npy(folder / f"{seed.name}_rows.npy", survivors[got.rows])
+                save_npy(folder / f"{seed.name}_times.npy", got.times)
+                info = {"mode": got.mode, "nominal": got.nominal, "distinct": len(got.rows),
+                        "collisions": got.collisions, "clusters": got.clusters, "seed_images": len(seed)}
+                atomic.write_text(folder / f"{seed.name}.json", json.dumps(info) + "\n")
+            self.stages.mark("retrieve", fp, {"sets": [s.name for s in seed_sets]})
+        results = []
+        for seed in seed_sets:
+            info = json.loads((folder / f"{seed.name}.json").read_text())
+            results.append(retrieval.Retrieved(seed.name, info["mode"], np.load(folder / f"{seed.name}_rows.npy"),
+                                               np.load(folder / f"{seed.name}_times.npy"), info["nominal"],
+                                               info["clusters"]))
+            self.counts[f"retrieved:{seed.name}"] = info
+        return results
+
+
+def _write_groups(path: Path, pool: inputs.EmbeddingSet, result: dedup_stage.DedupResult) -> None:
+    """Rows of every component with 2+ members: component, row, path, keep, similarity to the kept one."""
+    sizes = np.bincount(result.component, minlength=len(result.component))
+    rows = np.flatnonzero(sizes[result.component] >= 2)
+    rows = rows[np.lexsort((rows, result.component[rows]))]
+    kept = np.zeros(len(result.component), dtype=np.int64)
+    kept[result.component[result.keep]] = np.flatnonzero(result.keep)
+    names = pool.names()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["component", "row", "path", "keep", "similarity"])
+            for r in rows:
+                keeper = kept[result.component[r]]
+                sim = float(pool.vectors[r] @ pool.vectors[keeper])
+                writer.writerow([int(result.component[r]), int(r), names[r], int(result.keep[r]), round(sim, 6)])
+    atomic.atomic_write(path, write)
+
+
+def _write_selection(out: Path, pool: inputs.EmbeddingSet, survivors: np.ndarray, levels, balanced,
+                     retrieved: list[retrieval.Retrieved]) -> dict:
+    """selected.parquet and selected.txt; returns {row: (times, sources)} as arrays for the report."""
+    from dinokit.extras import optional_import
+
+    pa = optional_import("pyarrow", purpose="curation outputs")
+    pq = optional_import("pyarrow.parquet", purpose="curation outputs")
+    n = len(pool)
+    times = np.zeros(n, dtype=np.int64)
+    sources: dict[int, list[str]] = {}
+    parts = []
+    if balanced is not None:
+        parts.append(("balanced", *balanced))
+    parts += [(f"retrieved:{r.name}", r.rows, r.times) for r in retrieved]
+    if not parts:  # only dedup / decontam / kmeans ran: the selection is every survivor
+        parts.append(("kept", survivors, np.ones(len(survivors), dtype=np.int64)))
+    for name, rows, counts in parts:
+        np.add.at(times, rows, counts)
+        for r in rows.tolist():
+            sources.setdefault(r, []).append(name)
+    rows = np.flatnonzero(times)
+    paths = point_cluster_paths = None
+    if levels:
+        position = np.full(n, -1, dtype=np.int64)
+        position[survivors] = np.arange(len(survivors))
+        paths_by_level = hierarchy.point_paths(levels)  # (survivors, L)
+        point_cluster_paths = ["/".join(map(str, paths_by_level[position[r]][::-1])) if position[r] >= 0 else ""
+                               for r in rows]
+    names = pool.names()
+    paths = [names[r] for r in rows] if pool.paths is not None else [None] * len(rows)
+    keys = [pool.keys[r] for r in rows] if pool.keys is not None else [str(r) for r in rows]
+    table = pa.table({"row": pa.array(rows, pa.int64()), "path": pa.array(paths, pa.string()),
+                      "key": pa.array(keys, pa.string()),
+                      "source": pa.array(["+".join(sources[r]) for r in rows.tolist()], pa.string()),
+                      "cluster_path": pa.array(point_cluster_paths or [""] * len(rows), pa.string()),
+                      "times_selected": pa.array(times[rows], pa.int64())})
+    atomic.atomic_write(out / "selected.parquet", lambda tmp: pq.write_table(table, tmp))
+    lines = [names[r] for r in rows]
+    atomic.write_text(out / "selected.txt", "".join(line + "\n" for line in lines))
+    return {"rows": rows, "times": times[rows]}

@@ -1,0 +1,235 @@
+"""`dinokit curate` end to end: inputs (embedding folders, .npy), dedup with planted copies, decontamination,
+retrieval, outputs, clear errors on bad input, stages run alone, and resume after a SIGKILL mid-stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinokit.apps import store
+from dinokit.cli import main
+from dinokit.curate.pipeline import CurateOptions, curate
+
+pytest.importorskip("faiss")
+pq = pytest.importorskip("pyarrow.parquet")
+
+DIM = 32
+
+
+def mixture(seed=0, classes=12, zipf=1.0, scale=400, spread=0.8):
+    """Unit vectors from a long-tailed mixture: class c has about scale / (c+1)^zipf + 8 members."""
+    rng = np.random.default_rng(seed)
+    sizes = (scale / np.arange(1, classes + 1) ** zipf).astype(int) + 8
+    centres = rng.normal(size=(classes, DIM))
+    x = np.concatenate([c + spread * rng.normal(size=(m, DIM)) for c, m in zip(centres, sizes)])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), np.repeat(np.arange(classes), sizes)
+
+
+def near_copies(x, rows, rng, noise=0.02):
+    copies = x[rows] + noise * rng.normal(size=(len(rows), x.shape[1])) / np.sqrt(x.shape[1])
+    return (copies / np.linalg.norm(copies, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_folder(root, vectors, paths, sizes=None, shards=2, manifest=None):
+    bounds = np.linspace(0, len(vectors), shards + 1).astype(int)
+    for i in range(shards):
+        a, b = bounds[i], bounds[i + 1]
+        meta = {"path": paths[a:b], "width": [s[0] for s in (sizes or [(10, 10)] * len(paths))[a:b]],
+                "height": [s[1] for s in (sizes or [(10, 10)] * len(paths))[a:b]]}
+        store.write_shard(root, i, shards, vectors[a:b], meta)
+    store.write_manifest(root, {"complete": True, "num_shards": shards, "pooling": "cls", "dim": DIM,
+                                "model": {"spec": "test", "weights_sha256": "abc"}, **(manifest or {})})
+    return root
+
+
+FAST = dict(n_iters=8, resample_steps=2)
+
+
+def test_planted_copies_are_found_and_one_per_group_kept_by_the_stated_rule(tmp_path):
+    rng = np.random.default_rng(1)
+    x, _ = mixture(1)
+    planted = rng.choice(len(x), 60, replace=False)
+    pool = np.concatenate([x, near_copies(x, planted, rng)])
+    paths = [f"img{i:05d}.jpg" for i in range(len(pool))]
+    sizes = [(10, 10)] * len(x) + [(20, 20)] * len(planted)  # the copies are bigger: they are the ones kept
+    folder = write_folder(tmp_path / "emb", pool, paths, sizes)
+    report = curate(folder, tmp_path / "out", options=CurateOptions(dedup_threshold=0.98, **FAST), quiet=True)
+    keep = np.load(tmp_path / "out" / "dedup" / "keep.npy")
+    component = np.load(tmp_path / "out" / "dedup" / "component.npy")
+    copies = np.arange(len(x), len(pool))
+    recall = np.mean(component[planted] == component[copies])
+    assert recall >= 0.95
+    assert keep[copies].mean() >= 0.95 and not keep[planted[component[planted] == component[copies]]].any()
+    groups = list(open(tmp_path / "out" / "dedup" / "groups.csv"))
+    assert groups[0].strip() == "component,row,path,keep,similarity" and len(groups) - 1 >= 2 * 57
+    histogram = json.loads((tmp_path / "out" / "dedup" / "nn_similarity.json").read_text())
+    assert sum(histogram["counts"]) == len(pool) and histogram["threshold"] == 0.98
+    assert (tmp_path / "out" / "nn_similarity.png").is_file()
+    assert report.counts["after_dedup"] == int(keep.sum())
+    # no kmeans budget: the selection is every survivor, named by the metadata paths in global row order
+    table = pq.read_table(tmp_path / "out" / "selected.parquet").to_pydict()
+    assert table["row"] == np.flatnonzero(keep).tolist()
+    assert table["path"] == [paths[r] for r in table["row"]]
+    assert (tmp_path / "out" / "selected.txt").read_text().split() == table["path"]
+
+
+def test_decontamination_drops_every_pool_component_touching_an_evaluation_image(tmp_path):
+    rng = np.random.default_rng(2)
+    x, _ = mixture(2)
+    np.save(tmp_path / "pool.npy", x)
+    evaluation_rows = rng.choice(len(x), 20, replace=False)
+    np.save(tmp_path / "eval.npy", near_copies(x, evaluation_rows, rng, noise=0.01))
+    curate(tmp_path / "pool.npy", tmp_path / "out", excludes=[("test", str(tmp_path / "eval.npy"))],
+           options=CurateOptions(dedup_threshold=0.999, exclude_threshold=0.98, stages=("dedup", "decontam")),
+           quiet=True)
+    keep = np.load(tmp_path / "out" / "decontam" / "keep.npy")
+    assert not keep[evaluation_rows].any()
+    removed = list(open(tmp_path / "out" / "decontam" / "removed.csv"))[1:]
+    assert len(removed) == (~keep).sum() - (~np.load(tmp_path / "out" / "dedup" / "keep.npy")).sum()
+    assert len(removed) < 3 * len(evaluation_rows)  # only the touched components, not the neighbourhood
+    assert all(line.split(",")[2] == "test" for line in removed)
+
+
+def test_balanced_sampling_from_an_embedding_folder_beats_random_on_class_entropy(tmp_path):
+    x, labels = mixture(3, classes=15, zipf=1.3, scale=1500)
+    folder = write_folder(tmp_path / "emb", x, [f"{i}.jpg" for i in range(len(x))])
+    report = curate(folder, tmp_path / "out", options=CurateOptions(target=300, levels=[60, 15], **FAST),
+                    quiet=True)
+    table = pq.read_table(tmp_path / "out" / "selected.parquet").to_pydict()
+    assert sum(table["times_selected"]) == 300 == report.counts["selected_with_repeats"]
+    assert set(table["source"]) == {"balanced"} and all(p.count("/") == 1 for p in table["cluster_path"])
+
+    def entropy(rows):
+        p = np.bincount(labels[rows], minlength=15) / len(rows)
+        return -(p[p > 0] * np.log(p[p > 0])).sum() / np.log(15)
+
+    uniform = np.mean([entropy(np.random.default_rng(s).choice(len(x), 300, replace=False)) for s in range(5)])
+    assert entropy(np.array(table["row"])) > uniform + 0.05
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["levels"] == [60, 15] and manifest["counts"]["target"] == 300
+    assert "entropy" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_retrieval_from_seed_sets_both_modes_with_collisions_counted(tmp_path):
+    rng = np.random.default_rng(4)
+    x, labels = mixture(4)
+    np.save(tmp_path / "pool.npy", x)
+    np.save(tmp_path / "seeds.npy", near_copies(x, np.flatnonzero(labels == 3)[:10], rng, noise=0.2))
+    for mode in ("sample", "cluster"):
+        out = tmp_path / mode
+        curate(tmp_path / "pool.npy", out, seeds=[("s", str(tmp_path / "seeds.npy"))],
+               options=CurateOptions(retrieval=mode, per_seed=8, per_cluster=25, min_seed_hits=2, levels=[20],
+                                     dedup_threshold=0.999, **FAST), quiet=True)
+        info = json.loads((out / "retrieval" / "s.json").read_text())
+        table = pq.read_table(out / "selected.parquet").to_pydict()
+        assert set(table["source"]) == {"retrieved:s"} and info["mode"] == mode
+        assert info["distinct"] == len(table["row"]) and (labels[table["row"]] == 3).mean() > 0.8
+        if mode == "sample":
+            assert info["nominal"] == 80 and info["collisions"] == 80 - info["distinct"]
+
+
+def test_cli_end_to_end_and_a_stage_run_alone_is_reused_by_the_full_run(tmp_path, capsys):
+    x, _ = mixture(5)
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    paths = []
+    for i in range(len(x)):
+        paths.append(str(image_dir / f"{i}.png"))
+        Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(paths[-1])
+    folder = write_folder(tmp_path / "emb", x, paths)
+    out = tmp_path / "out"
+    assert main(["curate", str(folder), "-o", str(out), "--stages", "dedup", "--quiet"]) == 0
+    assert (out / "selected.txt").is_file() and not (out / "clusters").exists()
+    assert main(["curate", str(folder), "-o", str(out), "--fraction", "0.2", "--levels", "30,6", "--iters", "5",
+                 "--resample-steps", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "dedup: done earlier" in captured.err and "selected_images" in captured.out
+    lines = (out / "selected.txt").read_text().splitlines()
+    kept = int(np.load(out / "dedup" / "keep.npy").sum())
+    assert len(lines) == round(0.2 * kept) and set(lines) <= set(paths)
+    assert (out / "cluster_thumbnails.png").is_file() and "cluster_thumbnails.png" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("seed_dim", "16-d vectors but the pool"),
+    ("nan", "NaN or infinite"),
+    ("zero", "zero vector"),
+    ("empty", "empty"),
+    ("target", "more than the"),
+    ("mixed_norms", "with and without --normalize"),
+    ("model", "similarities between them mean nothing"),
+    ("patch", "patch grids"),
+])
+def test_bad_inputs_get_one_clear_error_and_no_output(tmp_path, capsys, problem, message):
+    x, _ = mixture(6)
+    pool = tmp_path / "pool.npy"
+    np.save(pool, x)
+    argv = ["curate", str(pool), "-o", str(tmp_path / "out"), "--quiet"]
+    if problem == "seed_dim":
+        np.save(tmp_path / "s.npy", x[:5, :16])
+        argv += ["--seed", f"s={tmp_path / 's.npy'}"]
+    elif problem in ("nan", "zero", "empty"):
+        bad = x.copy() if problem != "empty" else x[:0]
+        if problem == "nan":
+            bad[7, 3] = np.nan
+        elif problem == "zero":
+            bad[7] = 0
+        np.save(pool, bad)
+    elif problem == "target":
+        argv += ["--target", str(10 * len(x))]
+    elif problem == "mixed_norms":
+        raw = x.copy()
+        raw[len(x) // 2:] *= 3
+        argv[1] = str(write_folder(tmp_path / "emb", raw, [f"{i}" for i in range(len(x))]))
+    elif problem == "model":
+        argv[1] = str(write_folder(tmp_path / "emb", x, [f"{i}" for i in range(len(x))]))
+        other = write_folder(tmp_path / "other", x[:20], [f"{i}" for i in range(20)], shards=1,
+                             manifest={"model": {"weights_sha256": "different"}})
+        argv += ["--exclude", f"ev={other}"]
+    elif problem == "patch":
+        argv[1] = str(write_folder(tmp_path / "emb", x, [f"{i}" for i in range(len(x))],
+                                   manifest={"pooling": "patch"}))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+KILL_ARGS = ["--target", "150", "--levels", "40,8", "--iters", "5", "--resample-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def cli():
+    from processes import CliServer
+
+    with CliServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cli, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("curate_reference")
+    np.save(folder / "pool.npy", mixture(7)[0])
+    run = cli.run(["curate", folder / "pool.npy", *KILL_ARGS, "-o", folder / "out"], folder / "log")
+    assert run.returncode == 0, run.output()
+    return folder
+
+
+@pytest.mark.parametrize("pause_at", ["keep.npy", "level2.npy", "level1.json", "rows.npy#2"])
+def test_sigkilled_mid_stage_resumes_to_the_bytes_of_an_uninterrupted_run(cli, uninterrupted, tmp_path, pause_at):
+    argv = ["curate", uninterrupted / "pool.npy", *KILL_ARGS, "-o", tmp_path / "out"]
+    run = cli.start(argv, tmp_path / "killed.log", pause_at=pause_at)
+    run.wait_for_pause()
+    run.kill()
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    again = cli.run(argv, tmp_path / "again.log")
+    assert again.returncode == 0, again.output()
+    if pause_at in ("level2.npy", "rows.npy#2"):  # killed after level 1 (or after all of k-means): not redone
+        assert "done earlier" in again.output()
+    assert not list((tmp_path / "out").rglob(".*.tmp"))
+    for name in ("selected.parquet", "clusters/level1.npy", "clusters/level2.npy", "sampling/rows.npy"):
+        assert (tmp_path / "out" / name).read_bytes() == (uninterrupted / "out" / name).read_bytes(), name
