@@ -89,15 +89,16 @@ class Dinov2PreTrainedModel(nn.Module):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; "
                             f"use the image processor with return_tensors='pt'")
         pixel_values = pixel_values.to(dtype=vit.patch_embed.proj.weight.dtype)
+        rope = vit.rope_for(pixel_values)
         x = vit.prepare_tokens_with_masks(pixel_values, bool_masked_pos)
         head_masks = _expand_head_mask(head_mask, len(vit.blocks))
         hidden_states, attentions = [x], []
         for i, block in enumerate(vit.blocks):
             if output_attentions or head_masks[i] is not None:
-                x, attn = block(x, return_attention=True, head_mask=head_masks[i])
+                x, attn = block(x, return_attention=True, head_mask=head_masks[i], rope=rope)
                 attentions.append(attn)
             else:
-                x = block(x)
+                x = block(x, rope=rope)
             hidden_states.append(x)
         return x, tuple(hidden_states), (tuple(attentions) if output_attentions else None)
 
