@@ -13,6 +13,7 @@ file's choice; transformers/timm files get "fp32"; either can be overridden (`ro
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from dinokit.config import _COMMON_DEFAULTS, Dinov2Config
 from dinokit.hf import Dinov2Backbone, Dinov2Model, Dinov2PreTrainedModel
 from dinokit.outputs import ModelOutput
 from dinokit.vision_transformer import DinoVisionTransformer
+
+logger = logging.getLogger(__name__)
 
 _DINOV3_VIT_DEFAULTS: dict[str, Any] = {
     # transformers' DINOv3ViTConfig fields and defaults (ViT-S/16 shape)
@@ -169,6 +172,12 @@ class DINOv3ViTPreTrainedModel(Dinov2PreTrainedModel):
         vit = self.vit_module
         backbone = dict(backbone)
         backbone["rope_embed.periods"] = vit.rope_embed.periods.detach().clone()
+        if vit.local_cls_norm is not None and "local_cls_norm.weight" not in backbone:
+            # transformers and timm files drop it; it only acts on local crops in training
+            logger.info("%s has no local_cls_norm (its layout drops it): kept at its initial values; it is "
+                        "used only for local crops in training", source)
+            backbone.update({f"local_cls_norm.{k}": v.detach().clone()
+                             for k, v in vit.local_cls_norm.state_dict().items()})
         super().load_meta_state_dict(backbone, head, strict=strict, source=source)
         vit._unmasked_bias_fixup()
 
