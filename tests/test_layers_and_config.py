@@ -117,8 +117,8 @@ def test_cpu_inference_splits_large_batches_into_token_chunks_with_the_same_resu
         first_block = next(m for m in model.modules() if isinstance(m, Block))
         original = block_module.Block._fused_forward
         monkeypatch.setattr(block_module.Block, "_fused_forward",
-                            lambda self, t: (sizes.append(t.shape[0]) if self is first_block else None)
-                            or original(self, t))
+                            lambda self, t, *rest: (sizes.append(t.shape[0]) if self is first_block else None)
+                            or original(self, t, *rest))
         monkeypatch.setattr(block_module, "CPU_TOKENS_PER_CHUNK", 2 * 21 + 5)
         split = model(x).last_hidden_state
     assert sizes == [2, 2, 1]

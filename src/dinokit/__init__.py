@@ -1,4 +1,4 @@
-"""dinokit: DINOv2, complete — models with the transformers API, training, evaluation, embedding tools, export."""
+"""dinokit: DINOv2 and DINOv3, complete — models with the transformers API, training, evaluation, embedding tools, export."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ _EXPORTS = {
     "Dinov2WithRegistersBackbone": "dinokit.hf",
     "Dinov2ForSemanticSegmentation": "dinokit.dense.segmentation",
     "Dinov2ForDepthEstimation": "dinokit.dense.depth",
+    "DINOv3ViTConfig": "dinokit.models.dinov3_vit",
+    "DINOv3ViTModel": "dinokit.models.dinov3_vit",
+    "DINOv3ViTBackbone": "dinokit.models.dinov3_vit",
+    "DINOv3ViTPreTrainedModel": "dinokit.models.dinov3_vit",
     "AutoConfig": "dinokit.auto",
     "AutoModel": "dinokit.auto",
     "AutoModelForImageClassification": "dinokit.auto",

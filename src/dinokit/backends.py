@@ -144,16 +144,16 @@ class CompileBackend(TorchBackend):
         super().__init__(model)
         self._encode = torch.compile(self._blocks, mode=mode, dynamic=dynamic, backend=compiler)
 
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         for block in self.vit.blocks:
-            x = block(x)
+            x = block(x, rope=rope)
         return self.vit.norm(x)
 
     @torch.inference_mode()
     def run(self, pixel_values):
         weight = self.vit.patch_embed.proj.weight
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
-        hidden = self._encode(self.vit.prepare_tokens_with_masks(pixel_values))
+        hidden = self._encode(self.vit.prepare_tokens_with_masks(pixel_values), self.vit.rope_for(pixel_values))
         return hidden, hidden[:, 0]
 
 

@@ -116,7 +116,7 @@ def _config_beside(path: Path) -> dict | None:
             config = json.loads(candidate.read_text())
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{candidate} (the config beside {path.name}) is not valid JSON: {exc}") from None
-        if candidate.name != "config.json" or config.get("model_type") in CONFIG_CLASSES:
+        if candidate.name != "config.json" or config.get("model_type") in (*CONFIG_CLASSES, "dinov3_vit"):
             return config
     return None
 

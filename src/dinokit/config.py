@@ -62,6 +62,7 @@ _DERIVED = {"stage_names", "out_features", "out_indices", "num_labels", "transfo
 
 class Dinov2Config:
     model_type = "dinov2"
+    family = "dinov2"  # which model classes take this config (DINOv3's configs say "dinov3_vit")
     _defaults = {**_COMMON_DEFAULTS, **_DINOV2_DEFAULTS}
 
     def __init__(self, out_features: list[str] | None = None, out_indices: list[int] | None = None,

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 def build_vit(config: Dinov2Config) -> DinoVisionTransformer:
+    if config.family != "dinov2":
+        raise TypeError(f"build_vit builds DINOv2 backbones; this is a {type(config).__name__}")
     image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     return DinoVisionTransformer(
         img_size=image_size, patch_size=config.patch_size, in_chans=config.num_channels,
@@ -39,15 +41,34 @@ def build_vit(config: Dinov2Config) -> DinoVisionTransformer:
 
 
 class Dinov2PreTrainedModel(nn.Module):
+    """The shared machinery of dinokit's transformers-style models. A second family (models/dinov3_vit.py)
+    overrides only what differs: its config class, `build_backbone`, and the checkpoint layouts
+    (`normal_form_from_file`, `hf_state_dict`)."""
+
     config_class = Dinov2Config
     base_model_prefix = "dinov2"
     main_input_name = "pixel_values"
 
     def __init__(self, config: Dinov2Config) -> None:
         super().__init__()
-        if not isinstance(config, Dinov2Config):
-            raise TypeError(f"expected a Dinov2Config, got {type(config).__name__}")
+        if type(config).family != self.config_class.family or not isinstance(config, Dinov2Config):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got "
+                            f"{type(config).__name__}; AutoModel.from_config picks the class of a config")
         self.config = config
+
+    @classmethod
+    def build_backbone(cls, config: Dinov2Config) -> DinoVisionTransformer:
+        return build_vit(config)
+
+    @classmethod
+    def read_config(cls, source, revision=None, cache_dir=None) -> Dinov2Config:
+        return _load_config(source, revision, cache_dir)
+
+    @classmethod
+    def normal_form_from_file(cls, state: Mapping[str, torch.Tensor]):
+        """A checkpoint's tensors (any layout) -> (backbone state dict in dinokit's names, classifier head)."""
+        backbone, head, _ = ckpt.to_meta(state, layout=ckpt.detect_layout(state))
+        return backbone, head
 
     # ------------------------------------------------------------ properties
     @property
@@ -89,15 +110,16 @@ class Dinov2PreTrainedModel(nn.Module):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; "
                             f"use the image processor with return_tensors='pt'")
         pixel_values = pixel_values.to(dtype=vit.patch_embed.proj.weight.dtype)
+        rope = vit.rope_for(pixel_values)
         x = vit.prepare_tokens_with_masks(pixel_values, bool_masked_pos)
         head_masks = _expand_head_mask(head_mask, len(vit.blocks))
         hidden_states, attentions = [x], []
         for i, block in enumerate(vit.blocks):
             if output_attentions or head_masks[i] is not None:
-                x, attn = block(x, return_attention=True, head_mask=head_masks[i])
+                x, attn = block(x, return_attention=True, head_mask=head_masks[i], rope=rope)
                 attentions.append(attn)
             else:
-                x = block(x)
+                x = block(x, rope=rope)
             hidden_states.append(x)
         return x, tuple(hidden_states), (tuple(attentions) if output_attentions else None)
 
@@ -148,6 +170,8 @@ class Dinov2PreTrainedModel(nn.Module):
         loadable = {k: v for k, v in backbone.items() if k in expected and v.shape == expected[k].shape}
         vit.load_state_dict(loadable, strict=False)
         vit.position_embedding.clear()
+        if vit.rope_embed is not None:
+            vit.rope_embed.clear()
         if isinstance(classifier, nn.Linear):
             if head and not any("classifier" in m for m in mismatched):
                 with torch.no_grad():
@@ -223,15 +247,15 @@ class Dinov2PreTrainedModel(nn.Module):
 
         source = pretrained_model_name_or_path
         if config is None:
-            config = _load_config(source, revision, cache_dir)
+            config = cls.read_config(source, revision, cache_dir)
         for key, value in config_overrides.items():
             if key.startswith("attn_implementation") or key in ("low_cpu_mem_usage", "trust_remote_code"):
                 continue
             setattr(config, key, value)
-        if isinstance(config, Dinov2Config) and config.model_type not in CONFIG_CLASSES:
+        if isinstance(config, Dinov2Config) and config.model_type not in (*CONFIG_CLASSES, cls.config_class.model_type):
             raise ValueError(f"unsupported model_type {config.model_type!r}")
         state = _load_weights(source, revision, cache_dir, resolve_file)
-        backbone, head, _ = ckpt.to_meta(state, layout=ckpt.detect_layout(state))
+        backbone, head = cls.normal_form_from_file(state)
         model = cls(config)
         model.load_meta_state_dict(backbone, head, strict=strict, source=str(source))
         dtype = dtype or torch_dtype
@@ -310,7 +334,7 @@ class Dinov2Model(Dinov2PreTrainedModel):
 
     def __init__(self, config: Dinov2Config) -> None:
         super().__init__(config)
-        self.vit = build_vit(config)
+        self.vit = self.build_backbone(config)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.vit.patch_embed
@@ -394,7 +418,7 @@ class Dinov2Backbone(Dinov2PreTrainedModel):
 
     def __init__(self, config: Dinov2Config) -> None:
         super().__init__(config)
-        self.vit = build_vit(config)
+        self.vit = self.build_backbone(config)
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
 
     @property

@@ -13,9 +13,12 @@ from pathlib import Path
 
 from torch import nn
 
+from dinokit import auto
 from dinokit import checkpoints as ckpt
+from dinokit import checkpoints_dinov3 as ckpt3
 from dinokit.config import HUB_IDS, PRESETS, preset_config
 from dinokit.hf import MODEL_CLASSES, Dinov2ForImageClassification, Dinov2Model, Dinov2PreTrainedModel
+from dinokit.models import dinov3_vit
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ def load_checkpoint(path: str | os.PathLike, head: str | os.PathLike | None = No
     (e.g. `num_attention_heads=3`) set what the weights cannot tell, over any config carried by the file.
     """
     state, known = ckpt.read_checkpoint(path)
+    if ckpt3.detect_layout(state) is not None:
+        return _load_dinov3_vit(path, state, known, head, strict, task="base", **config_overrides)
     backbone, head_state, layout = ckpt.to_meta(state)
     config = ckpt.infer_config(backbone, layout, known={**(known or {}), **config_overrides})
     if head is not None:
@@ -51,6 +56,21 @@ def load_checkpoint(path: str | os.PathLike, head: str | os.PathLike | None = No
     return model.eval()
 
 
+def _load_dinov3_vit(path, state, known, head, strict: bool, task: str = "base", **config_overrides):
+    """A DINOv3 ViT file in any layout. The RoPE periods follow the file (a Meta file's own bf16 values;
+    float32 for transformers/timm files) unless `rope_periods` is given."""
+    if head is not None:
+        raise ckpt.CheckpointError("DINOv3 has no Meta linear-head files for its ViTs in dinokit: load the backbone "
+                                   "alone and train a head (dinokit classify/finetune)")
+    normal, layout = ckpt3.to_normal(state)
+    fields = set(dinov3_vit._DINOV3_VIT_DEFAULTS) | {"image_mean", "image_std"}
+    known = {k: v for k, v in (known or {}).items() if k in fields}
+    config = dinov3_vit.DINOv3ViTConfig(**ckpt3.infer_config_kwargs(normal, layout, {**known, **config_overrides}))
+    model = dinov3_vit.MODEL_CLASSES[task](config)
+    model.load_meta_state_dict(normal, strict=strict, source=str(path))
+    return model.eval()
+
+
 def load_model(spec: str | os.PathLike | nn.Module, task: str = "base", **kwargs) -> Dinov2PreTrainedModel:
     """Any model reference -> a dinokit model in eval mode.
 
@@ -60,6 +80,15 @@ def load_model(spec: str | os.PathLike | nn.Module, task: str = "base", **kwargs
     """
     if task not in MODEL_CLASSES:
         raise ValueError(f"unknown task {task!r}: use one of {sorted(MODEL_CLASSES)}")
+    name = str(spec) if isinstance(spec, (str, os.PathLike)) else ""
+    if name in dinov3_vit.HUB_IDS or name.startswith("dinov3_") and not Path(name).expanduser().exists():
+        if name not in dinov3_vit.HUB_IDS:
+            raise ValueError(f"unknown DINOv3 preset {name!r}; presets: {', '.join(dinov3_vit.PRESETS)}")
+        logger.warning("%s is a preset: the DINOv3 architecture with RANDOMLY INITIALISED weights. For the "
+                       "pretrained model pass its Hugging Face id (%s) or a checkpoint file.",
+                       name, dinov3_vit.HUB_IDS[name])
+        config = dinov3_vit.preset_config(name, **kwargs)
+        return auto.model_class(config, task)(config).eval()
     if isinstance(spec, Dinov2PreTrainedModel):
         return spec
     if isinstance(spec, nn.Module):
@@ -67,6 +96,10 @@ def load_model(spec: str | os.PathLike | nn.Module, task: str = "base", **kwargs
                         f"and load the file, or wrap it with dinokit.Dinov2Model")
     path = Path(spec).expanduser()
     if path.is_file():
+        state, known = ckpt.read_checkpoint(path)
+        if ckpt3.detect_layout(state) is not None:
+            return _load_dinov3_vit(path, state, known, kwargs.pop("head", None), kwargs.pop("strict", True),
+                                    task=task if task == "backbone" else "base", **kwargs)
         model = load_checkpoint(path, **kwargs)
         if task == "base" and isinstance(model, Dinov2ForImageClassification):
             return model.dinov2
@@ -84,8 +117,11 @@ def load_model(spec: str | os.PathLike | nn.Module, task: str = "base", **kwargs
             raise ValueError(
                 f"model {name!r} is not a file, a directory or a preset"
                 + (f" (did you mean {close[0]!r}?)" if close else "")
-                + f". Presets: {', '.join(PRESETS)}; hub ids look like 'facebook/dinov2-small'.")
-    return MODEL_CLASSES[task].from_pretrained(spec, **kwargs)
+                + f". Presets: {', '.join(PRESETS + dinov3_vit.PRESETS)}; hub ids look like "
+                  f"'facebook/dinov2-small'.")
+    config_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir") if k in kwargs}
+    config = kwargs.pop("config", None) or auto.read_config(spec, **config_kwargs)
+    return auto.model_class(config, task).from_pretrained(spec, config=config, **kwargs)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:
@@ -93,10 +129,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:
 
     Single files get the model's config beside them (`<stem>.config.json`; inside a `.safetensors`), so the
     head count and interpolation mode survive the round trip."""
-    if to not in ("hf", "meta", "timm"):
+    if to not in ("hf", "meta", "timm", "hf-legacy"):
         raise ValueError(f"unknown target layout {to!r}: use hf, meta or timm")
     model = load_model(src)
     dst = Path(dst)
+    if isinstance(model, dinov3_vit.DINOv3ViTPreTrainedModel):
+        return _convert_dinov3_vit(model, dst, to)
+    if to == "hf-legacy":
+        raise ValueError("--to hf-legacy is for DINOv3 (transformers 4.56-5.3 keys); use --to hf")
     if to == "hf":
         model.save_pretrained(dst)
         return dst
@@ -110,12 +150,31 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:
     return dst
 
 
+def _convert_dinov3_vit(model, dst: Path, to: str) -> Path:
+    """DINOv3 weights in another layout, with the DINOv3 License notice beside them (they are Meta's weights or
+    a derivative, never dinokit's): a directory for hf, a file (+ its config, + the notice) for meta/timm."""
+    if to == "hf":
+        model.save_pretrained(dst)
+        return dst
+    backbone, _ = model.meta_state_dict()
+    layout = "hf-legacy" if to == "hf-legacy" else to
+    state = ckpt3.from_normal(backbone, layout)
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k in dinov3_vit._DINOV3_VIT_DEFAULTS or k in ("image_mean", "image_std", "model_type")}
+    config["license"] = "dinov3-license"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dinov3_vit.write_license_notice(dst.parent)
+    ckpt.save_file_atomic(state, dst, config=config)
+    return dst
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert a checkpoint between Hugging Face, Meta and timm layouts")
     p.add_argument("src", help="checkpoint file (.pth/.bin/.safetensors) or Hugging Face directory / hub id")
     p.add_argument("dst", help="output: a directory for --to hf, a file for --to meta|timm")
-    p.add_argument("--to", choices=["hf", "meta", "timm"], required=True, help="target layout")
+    p.add_argument("--to", choices=["hf", "meta", "timm", "hf-legacy"], required=True,
+                   help="target layout (hf-legacy: DINOv3 with transformers 4.56-5.3 keys, in a file)")
     p.set_defaults(func=_convert_command)
 
 

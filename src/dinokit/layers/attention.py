@@ -8,6 +8,7 @@ from torch import nn
 
 from dinokit.layers.linear import ON_INTEL, linear
 from dinokit.layers.position_embedding import is_tracing
+from dinokit.layers.rope import apply_rope
 
 # The CPU flash kernel is ~20% faster on contiguous heads than on strided views on Intel (a copy costs less than
 # that); on AMD (EPYC) the strided views are as fast or faster (ViT-S 224 x8: 9.3 vs 10.5 ms with the copy).
@@ -16,7 +17,7 @@ _CONTIGUOUS_CPU_HEADS = ON_INTEL
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, mask_k_bias: bool = False) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
@@ -27,12 +28,25 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.mask_k_bias = mask_k_bias and qkv_bias
+        if self.mask_k_bias:
+            # DINOv3: the key bias is fixed at zero (transformers has none; Meta multiplies by a 1/0/1 mask), so
+            # it gets no gradient and stays zero through training.
+            mask = torch.ones(3 * dim)
+            mask[dim:2 * dim] = 0
+            with torch.no_grad():
+                self.qkv.bias[dim:2 * dim] = 0
+            self.qkv.bias.register_hook(lambda grad, mask=mask: grad * mask.to(grad))
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, head_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, head_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`rope`: (cos, sin) tables of the patch grid (DINOv3), applied to q and k of the patch tokens."""
         if not (return_attention or head_mask is not None):
-            return self.proj_drop(linear(self.mix(x), self.proj))
+            return self.proj_drop(linear(self.mix(x, rope), self.proj))
         B, N, C = x.shape
         q, k, v = self._qkv(x).unbind(0)
+        if rope is not None:
+            q, k = apply_rope(q, k, rope)
         # Explicit path, only when the attention weights themselves are wanted (SDPA does not return them).
         attn = (q @ k.transpose(-2, -1)) * self.scale
         attn = attn.softmax(dim=-1)
@@ -49,7 +63,7 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         return linear(x, self.qkv).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The attention output before the output projection, (B, N, C), with SDPA."""
         B, N, C = x.shape
         qkv = self._qkv(x)
@@ -58,5 +72,7 @@ class Attention(nn.Module):
             # torch.jit.trace's invocations).
             qkv = qkv.contiguous()
         q, k, v = qkv.unbind(0)
+        if rope is not None:
+            q, k = apply_rope(q, k, rope)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return x.transpose(1, 2).reshape(B, N, C)

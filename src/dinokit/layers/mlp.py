@@ -23,10 +23,11 @@ class Mlp(nn.Module):
         return self.drop(linear(self.drop(linear(x, self.fc1, self.act)), self.fc2))
 
 
-def swiglu_hidden_features(dim: int, mlp_ratio: float) -> int:
-    """Meta's SwiGLU width: 2/3 of the MLP width, rounded up to a multiple of 8 (6144 -> 4096 for ViT-g)."""
-    hidden = int(dim * mlp_ratio)
-    return (int(hidden * 2 / 3) + 7) // 8 * 8
+def swiglu_hidden_features(dim: int, mlp_ratio: float, align: int = 8) -> int:
+    """Meta's SwiGLU width: 2/3 of the MLP width, rounded up to a multiple of `align` (6144 -> 4096 for
+    ViT-g; DINOv3: align 8, 7B align 64: 12288 -> 8192)."""
+    hidden = int(int(dim * mlp_ratio) * 2 / 3)
+    return hidden + (-hidden % align)
 
 
 class SwiGLUFFN(nn.Module):
