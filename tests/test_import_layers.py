@@ -51,12 +51,13 @@ def test_areas_import_each_other_without_a_cycle():
         order = list(TopologicalSorter(graph).static_order())
     except CycleError as exc:
         raise AssertionError(f"import cycle between areas: {' -> '.join(exc.args[1])}") from None
-    assert {"checkpoints", "hf", "auto", "loading", "eval", "ssl"} <= set(order)
+    assert {"checkpoints", "models", "hf", "auto", "loading", "eval", "ssl"} <= set(order)
 
 
 def test_loading_stack_goes_layouts_then_models_then_auto_then_load_model():
     graph = area_graph()
-    below = {"checkpoints": {"hf", "auto", "loading"}, "hf": {"auto", "loading"}, "auto": {"loading"}}
+    below = {"checkpoints": {"models", "hf", "auto", "loading"}, "models": {"auto", "loading"},
+             "hf": {"auto", "loading"}, "auto": {"loading"}}
     for area, forbidden in below.items():
         assert not graph.get(area, set()) & forbidden, f"{area} imports {graph[area] & forbidden}"
 

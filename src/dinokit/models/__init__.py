@@ -1,0 +1,2 @@
+"""Model families beyond DINOv2, one module per family (its config and transformers-style classes), over the
+shared building blocks in `dinokit.layers`."""
