@@ -44,7 +44,7 @@ def test_save_pretrained_loads_in_transformers_and_back_with_the_licence_notice(
     ours.save_pretrained(tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["model_type"] == "dinov3_vit" and config["architectures"] == ["DINOv3ViTModel"]
-    assert "DINOv3 License" in (tmp_path / "ours" / ckpt3.LICENSE_FILE).read_text()
+    assert "DINOv3 License" in (tmp_path / "ours" / "LICENSE.md").read_text()
     keys = set(load_file(tmp_path / "ours" / "model.safetensors"))
     assert "model.layer.0.attention.q_proj.bias" in keys and "model.layer.0.attention.k_proj.bias" not in keys
     theirs = transformers.DINOv3ViTModel.from_pretrained(tmp_path / "ours").eval()
@@ -77,7 +77,7 @@ def test_timm_layout_both_ways(tmp_path, bias):
     convert_src = tmp_path / "hf"
     ours.save_pretrained(convert_src)
     out = convert(convert_src, tmp_path / "timm.safetensors", to="timm")
-    assert (tmp_path / ckpt3.LICENSE_FILE).is_file()
+    assert "DINOv3 License" in (tmp_path / "timm.LICENSE.md").read_text()
     name = "vit_small_plus_patch16_dinov3_qkvb" if bias else "vit_small_plus_patch16_dinov3"
     reference = timm.create_model(name, pretrained=False, depth=2, num_classes=0).eval()
     reference.load_state_dict(load_file(out), strict=True)

@@ -19,15 +19,6 @@ import torch
 
 from dinokit.checkpoints import CheckpointError
 
-LICENSE_NOTICE = """\
-These weights are DINOv3 weights (Meta Platforms, Inc.) or a derivative of them, converted or saved by dinokit.
-They are licensed under the DINOv3 License (https://ai.meta.com/resources/models-and-libraries/dinov3-license/),
-not under dinokit's Apache-2.0 licence. Redistribution of the weights or of derivatives must be under the DINOv3
-License, with a copy of it included; publications must acknowledge the DINO Materials; the License's trade-control
-and acceptable-use terms apply. dinokit does not bundle or distribute any weights.
-"""
-LICENSE_FILE = "LICENSE-DINOv3-weights.md"
-
 # Released DINOv3 widths -> heads (head width 64; 7B 128).
 OFFICIAL_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 20, 4096: 32}
 

@@ -1,4 +1,4 @@
-"""`Dinov2Config`: every field of transformers' Dinov2Config / Dinov2WithRegistersConfig, plus the
+"""`PretrainedConfig` (what every family's config shares) and `Dinov2Config`: every field of transformers' Dinov2Config / Dinov2WithRegistersConfig, plus the
 interpolation mode, read from and written to Hugging Face `config.json`.
 
 Interpolation defaults (model.md §3): a transformers `config.json` without `interpolate_*` keys behaves like
@@ -60,10 +60,13 @@ _DERIVED = {"stage_names", "out_features", "out_indices", "num_labels", "transfo
             "_name_or_path", "torch_dtype", "dtype"}
 
 
-class Dinov2Config:
-    model_type = "dinov2"
-    family = "dinov2"  # which model classes take this config (DINOv3's configs say "dinov3_vit")
-    _defaults = {**_COMMON_DEFAULTS, **_DINOV2_DEFAULTS}
+class PretrainedConfig:
+    """What every dinokit model config shares with transformers' `PretrainedConfig`: the common fields, the label
+    maps, the backbone stage selection (`out_features` / `out_indices` over `stage_names`), and `config.json`
+    reading and writing. A model family sets `model_type`, `_defaults` and `stage_names`."""
+
+    model_type = ""
+    _defaults: dict[str, Any] = dict(_COMMON_DEFAULTS)
 
     def __init__(self, out_features: list[str] | None = None, out_indices: list[int] | None = None,
                  num_labels: int | None = None, **kwargs: Any) -> None:
@@ -107,7 +110,7 @@ class Dinov2Config:
     # ------------------------------------------------------------ backbone stages
     @property
     def stage_names(self) -> list[str]:
-        return ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
+        raise NotImplementedError
 
     def set_output_features_output_indices(self, out_features=None, out_indices=None) -> None:
         names = self.stage_names
@@ -144,16 +147,6 @@ class Dinov2Config:
     def out_indices(self, value) -> None:
         self.set_output_features_output_indices(None, value)
 
-    # ------------------------------------------------------------ derived model facts
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def num_positions(self) -> int:
-        size = self.image_size if isinstance(self.image_size, int) else self.image_size[0]
-        return (size // self.patch_size) ** 2
-
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -162,8 +155,6 @@ class Dinov2Config:
         out["out_indices"] = list(self._out_indices)
         out["stage_names"] = self.stage_names
         out["model_type"] = self.model_type
-        if self.model_type == "dinov2_with_registers":
-            out.pop("use_mask_token", None)  # not a field of transformers' with-registers config
         return dict(sorted(out.items()))
 
     def to_json_string(self) -> str:
@@ -177,17 +168,16 @@ class Dinov2Config:
         atomic.write_text(path / CONFIG_NAME, self.to_json_string())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> Dinov2Config:
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> PretrainedConfig:
         data = {**data, **overrides}
         model_type = data.get("model_type", cls.model_type)
-        target = CONFIG_CLASSES.get(model_type)
-        if target is None:
-            raise ValueError(f"config has model_type {model_type!r}; dinokit reads 'dinov2' and "
-                             f"'dinov2_with_registers' only")
-        return target(**data)
+        if model_type != cls.model_type:
+            raise ValueError(f"config has model_type {model_type!r}, not {cls.model_type!r}: read it with "
+                             f"dinokit.AutoConfig, which picks the config class by model_type")
+        return cls(**data)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> Dinov2Config:
+    def from_json_file(cls, path: str | os.PathLike) -> PretrainedConfig:
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as exc:
@@ -195,7 +185,7 @@ class Dinov2Config:
         return cls.from_dict(data)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, **overrides: Any) -> Dinov2Config:
+    def from_pretrained(cls, path_or_id: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
         from dinokit.hub import resolve_file
 
         config = cls.from_json_file(resolve_file(path_or_id, CONFIG_NAME))
@@ -203,16 +193,51 @@ class Dinov2Config:
             setattr(config, key, value)
         return config
 
-    def copy(self, **changes: Any) -> Dinov2Config:
+    def copy(self, **changes: Any) -> PretrainedConfig:
         data = self.to_dict()
         data.update(changes)
         return type(self).from_dict(data)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Dinov2Config) and self.to_dict() == other.to_dict()
+        return isinstance(other, PretrainedConfig) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+class Dinov2Config(PretrainedConfig):
+    model_type = "dinov2"
+    family = "dinov2"  # which model classes take this config (DINOv3 ViT's config subclasses it and says "dinov3_vit")
+    _defaults = {**_COMMON_DEFAULTS, **_DINOV2_DEFAULTS}
+
+    @property
+    def stage_names(self) -> list[str]:
+        return ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_positions(self) -> int:
+        size = self.image_size if isinstance(self.image_size, int) else self.image_size[0]
+        return (size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.model_type == "dinov2_with_registers":
+            out.pop("use_mask_token", None)  # not a field of transformers' with-registers config
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> Dinov2Config:
+        data = {**data, **overrides}
+        model_type = data.get("model_type", cls.model_type)
+        target = CONFIG_CLASSES.get(model_type)
+        if target is None:
+            raise ValueError(f"config has model_type {model_type!r}; Dinov2Config reads 'dinov2' and "
+                             f"'dinov2_with_registers' (use dinokit.AutoConfig for the other families)")
+        return target(**data)
 
 
 class Dinov2WithRegistersConfig(Dinov2Config):

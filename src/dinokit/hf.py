@@ -200,31 +200,7 @@ class Dinov2PreTrainedModel(nn.Module):
                         safe_serialization: bool = True) -> None:
         """Write `model.safetensors` (sharded with an index past `max_shard_size`) and then `config.json`, each to
         a temporary name first, so an interrupted save never looks complete."""
-        directory = Path(save_directory)
-        if directory.is_file():
-            raise ValueError(f"{directory} is a file; save_pretrained() needs a directory")
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.hf_state_dict().items()}
-        shards = _shard(state, _parse_size(max_shard_size))
-        suffix = ".safetensors" if safe_serialization else ".bin"
-        stem = "model" if safe_serialization else "pytorch_model"
-        for stale in list(directory.glob("model*.safetensors*")) + list(directory.glob("pytorch_model*.bin*")):
-            stale.unlink()
-        if len(shards) == 1:
-            names = [stem + suffix]
-        else:
-            names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}{suffix}" for i in range(len(shards))]
-        for name, shard in zip(names, shards):
-            if safe_serialization:
-                ckpt.save_file_atomic(shard, directory / name)
-            else:
-                atomic.torch_save(shard, directory / name)
-        if len(shards) > 1:
-            import json
-
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-            atomic.write_text(directory / (stem + suffix + ".index.json"), json.dumps(index, indent=2, sort_keys=True))
+        directory = write_weights(self.hf_state_dict(), save_directory, max_shard_size, safe_serialization)
         config = self.config.copy(architectures=[self._hf_architecture()])
         config.save_pretrained(directory)
 
@@ -264,6 +240,38 @@ class Dinov2PreTrainedModel(nn.Module):
         if device is not None:
             model = model.to(device)
         return model.eval()
+
+
+def write_weights(state: Mapping[str, torch.Tensor], save_directory: str | os.PathLike,
+                  max_shard_size: int | str = "5GB", safe_serialization: bool = True) -> Path:
+    """Write a Hugging Face weights file (`model.safetensors`, sharded with an index past `max_shard_size`; or
+    `pytorch_model.bin`) into `save_directory`, each file to a temporary name first; returns the directory."""
+    directory = Path(save_directory)
+    if directory.is_file():
+        raise ValueError(f"{directory} is a file; save_pretrained() needs a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    shards = _shard(state, _parse_size(max_shard_size))
+    suffix = ".safetensors" if safe_serialization else ".bin"
+    stem = "model" if safe_serialization else "pytorch_model"
+    for stale in list(directory.glob("model*.safetensors*")) + list(directory.glob("pytorch_model*.bin*")):
+        stale.unlink()
+    if len(shards) == 1:
+        names = [stem + suffix]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}{suffix}" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        if safe_serialization:
+            ckpt.save_file_atomic(shard, directory / name)
+        else:
+            atomic.torch_save(shard, directory / name)
+    if len(shards) > 1:
+        import json
+
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        atomic.write_text(directory / (stem + suffix + ".index.json"), json.dumps(index, indent=2, sort_keys=True))
+    return directory
 
 
 def _load_config(source, revision, cache_dir) -> Dinov2Config:

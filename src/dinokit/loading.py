@@ -18,7 +18,11 @@ from dinokit import checkpoints as ckpt
 from dinokit import checkpoints_dinov3 as ckpt3
 from dinokit.config import HUB_IDS, PRESETS, preset_config
 from dinokit.hf import MODEL_CLASSES, Dinov2ForImageClassification, Dinov2Model, Dinov2PreTrainedModel
-from dinokit.models import dinov3_vit
+from dinokit.models import dinov3_convnext, dinov3_license, dinov3_vit
+from dinokit.models import dinov3_convnext_keys as convnext_keys
+from dinokit.models.pretrained import PreTrainedModel
+
+ALL_PRESETS = sorted(PRESETS + list(dinov3_convnext.PRESETS) + dinov3_vit.PRESETS)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,11 @@ def load_checkpoint(path: str | os.PathLike, head: str | os.PathLike | None = No
     state, known = ckpt.read_checkpoint(path)
     if ckpt3.detect_layout(state) is not None:
         return _load_dinov3_vit(path, state, known, head, strict, task="base", **config_overrides)
+    if convnext_keys.is_convnext_state(state):
+        if head is not None:
+            raise ckpt.CheckpointError(f"{path} is a DINOv3 ConvNeXt checkpoint; Meta's linear heads are for the "
+                                       f"DINOv2 ViTs (no classification head exists for the ConvNeXt)")
+        return _load_convnext(state, {**(known or {}), **config_overrides}, strict, str(path))
     backbone, head_state, layout = ckpt.to_meta(state)
     config = ckpt.infer_config(backbone, layout, known={**(known or {}), **config_overrides})
     if head is not None:
@@ -71,25 +80,43 @@ def _load_dinov3_vit(path, state, known, head, strict: bool, task: str = "base",
     return model.eval()
 
 
-def load_model(spec: str | os.PathLike | nn.Module, task: str = "base", **kwargs) -> Dinov2PreTrainedModel:
+# What a config beside a DINOv3 ConvNeXt checkpoint may set (the rest comes from the weights' shapes).
+CONVNEXT_CONFIG_KEYS = {"depths", "hidden_sizes", "num_channels", "hidden_act", "layer_norm_eps",
+                        "layer_scale_init_value", "drop_path_rate", "image_size", "initializer_range"}
+
+
+def _load_convnext(state, known: dict, strict: bool, source: str) -> dinov3_convnext.DINOv3ConvNextModel:
+    meta, _ = convnext_keys.to_meta(state)
+    architecture = convnext_keys.infer_architecture(meta)
+    given = {k: v for k, v in known.items() if k in CONVNEXT_CONFIG_KEYS}
+    for key in ("depths", "hidden_sizes"):
+        if key in given and list(given[key]) != architecture[key]:
+            raise ckpt.CheckpointError(f"the config given for {source} says {key}={list(given[key])}, but its "
+                                       f"weights have {key}={architecture[key]}: pass the config of this checkpoint")
+    config = dinov3_convnext.DINOv3ConvNextConfig(**{**architecture, **given})
+    model = dinov3_convnext.DINOv3ConvNextModel(config)
+    model.load_state_dict_any(state, strict=strict, source=source)
+    return model.eval()
+
+
+def load_model(spec: str | os.PathLike | nn.Module, task: str = "base", **kwargs):
     """Any model reference -> a dinokit model in eval mode.
 
     `spec`: a dinokit model (returned as is); a Hugging Face directory or hub id; a Meta / timm / HF / dinokit
-    training checkpoint file (`.pth`, `.bin`, `.safetensors`); or a preset name (`vits14`, `vitb14_reg4`, ...:
-    random weights, said in a warning). `task`: `base` (Dinov2Model), `classification` or `backbone`.
+    training checkpoint file (`.pth`, `.bin`, `.safetensors`); or a preset name (`vits14`, `vitb14_reg4`,
+    `convnext_tiny`, ...: random weights, said in a warning). `task`: `base` (Dinov2Model, DINOv3ConvNextModel),
+    `classification` or `backbone`.
     """
     if task not in MODEL_CLASSES:
         raise ValueError(f"unknown task {task!r}: use one of {sorted(MODEL_CLASSES)}")
     name = str(spec) if isinstance(spec, (str, os.PathLike)) else ""
-    if name in dinov3_vit.HUB_IDS or name.startswith("dinov3_") and not Path(name).expanduser().exists():
-        if name not in dinov3_vit.HUB_IDS:
-            raise ValueError(f"unknown DINOv3 preset {name!r}; presets: {', '.join(dinov3_vit.PRESETS)}")
+    if name in dinov3_vit.HUB_IDS and not Path(name).expanduser().exists():
         logger.warning("%s is a preset: the DINOv3 architecture with RANDOMLY INITIALISED weights. For the "
                        "pretrained model pass its Hugging Face id (%s) or a checkpoint file.",
                        name, dinov3_vit.HUB_IDS[name])
         config = dinov3_vit.preset_config(name, **kwargs)
-        return auto.model_class(config, task)(config).eval()
-    if isinstance(spec, Dinov2PreTrainedModel):
+        return auto.model_class(config.model_type, task)(config).eval()
+    if isinstance(spec, (Dinov2PreTrainedModel, PreTrainedModel)):
         return spec
     if isinstance(spec, nn.Module):
         raise TypeError(f"load_model takes dinokit models; got {type(spec).__name__}. Save it with its state dict "
@@ -103,9 +130,20 @@ def load_model(spec: str | os.PathLike | nn.Module, task: str = "base", **kwargs
         model = load_checkpoint(path, **kwargs)
         if task == "base" and isinstance(model, Dinov2ForImageClassification):
             return model.dinov2
+        if isinstance(model, dinov3_convnext.DINOv3ConvNextModel) and task != "base":
+            other = auto.model_class(model.config.model_type, task)(model.config)
+            other.load_state_dict_any(model.meta_state_dict(), source=str(path))
+            return other.eval()
         return model
     if not path.exists():
         name = str(spec)
+        convnext = name.removeprefix("dinov3_")
+        if convnext in dinov3_convnext.PRESETS:
+            logger.warning("%s is a preset: the DINOv3 %s architecture with RANDOMLY INITIALISED weights. For the "
+                           "pretrained model pass its Hugging Face id (%s) or a checkpoint file.",
+                           name, convnext, dinov3_convnext.HUB_IDS[convnext])
+            config = dinov3_convnext.preset_config(convnext, **kwargs)
+            return auto.model_class(config.model_type, task)(config).eval()
         preset = name if name in HUB_IDS else name.replace("dinov2_", "")
         if preset in HUB_IDS:
             logger.warning("%s is a preset: the %s architecture with RANDOMLY INITIALISED weights. For the "
@@ -113,15 +151,14 @@ def load_model(spec: str | os.PathLike | nn.Module, task: str = "base", **kwargs
                            name, preset, HUB_IDS[preset])
             return MODEL_CLASSES[task](preset_config(name, **kwargs)).eval()
         if "/" not in name and not name.startswith((".", "~")):  # not a path and not an org/name hub id
-            close = difflib.get_close_matches(preset, PRESETS, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(preset, ALL_PRESETS, n=1, cutoff=0.6)
             raise ValueError(
                 f"model {name!r} is not a file, a directory or a preset"
                 + (f" (did you mean {close[0]!r}?)" if close else "")
-                + f". Presets: {', '.join(PRESETS + dinov3_vit.PRESETS)}; hub ids look like "
-                  f"'facebook/dinov2-small'.")
-    config_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir") if k in kwargs}
-    config = kwargs.pop("config", None) or auto.read_config(spec, **config_kwargs)
-    return auto.model_class(config, task).from_pretrained(spec, config=config, **kwargs)
+                + f". Presets: {', '.join(ALL_PRESETS)}; hub ids look like 'facebook/dinov2-small'.")
+    config = kwargs.pop("config", None) or auto.AutoConfig.from_pretrained(
+        spec, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"))
+    return auto.model_class(config.model_type, task).from_pretrained(spec, config=config, **kwargs)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:
@@ -139,6 +176,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:
         raise ValueError("--to hf-legacy is for DINOv3 (transformers 4.56-5.3 keys); use --to hf")
     if to == "hf":
         model.save_pretrained(dst)
+        return dst
+    if isinstance(model, dinov3_convnext.DINOv3ConvNextPreTrainedModel):
+        state = model.meta_state_dict()
+        if to == "timm":
+            state = convnext_keys.from_meta(state, "timm")
+        config = {k: v for k, v in model.config.to_dict().items() if k in CONVNEXT_CONFIG_KEYS}
+        ckpt.save_file_atomic(state, dst, config=config)
+        dinov3_license.write_notice_beside(dst)
         return dst
     backbone, head = model.meta_state_dict()
     state = ckpt.meta_to_timm(backbone) if to == "timm" else backbone
@@ -161,10 +206,9 @@ def _convert_dinov3_vit(model, dst: Path, to: str) -> Path:
     state = ckpt3.from_normal(backbone, layout)
     config = {k: v for k, v in model.config.to_dict().items()
               if k in dinov3_vit._DINOV3_VIT_DEFAULTS or k in ("image_mean", "image_std", "model_type")}
-    config["license"] = "dinov3-license"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dinov3_vit.write_license_notice(dst.parent)
+    config["license"] = dinov3_license.LICENSE_NAME
     ckpt.save_file_atomic(state, dst, config=config)
+    dinov3_license.write_notice_beside(dst)
     return dst
 
 

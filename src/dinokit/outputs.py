@@ -43,6 +43,10 @@ class BaseModelOutputWithPooling(ModelOutput):
     _fields = ("last_hidden_state", "pooler_output", "hidden_states", "attentions")
 
 
+class BaseModelOutputWithPoolingAndNoAttention(ModelOutput):
+    _fields = ("last_hidden_state", "pooler_output", "hidden_states")
+
+
 class ImageClassifierOutput(ModelOutput):
     _fields = ("loss", "logits", "hidden_states", "attentions")
 

@@ -343,6 +343,9 @@ class Dinov2ImageProcessor:
     """
 
     model_input_names = ["pixel_values"]
+    processor_type = "BitImageProcessor"  # what `preprocessor_config.json` names
+    compatible_types = _COMPATIBLE_TYPES  # the `image_processor_type` values whose configs mean this pipeline
+    class_defaults = _BIT_CLASS_DEFAULTS  # what a key missing from a config means (transformers' class defaults)
 
     def __init__(self, do_resize: bool = True, size: int | dict[str, int] | None = None,
                  resample: int = Image.Resampling.BICUBIC, do_center_crop: bool = True,
@@ -372,7 +375,7 @@ class Dinov2ImageProcessor:
         settings = {name: getattr(self, name) for name in _SETTINGS}
         settings = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
                     for k, v in settings.items()}
-        return {**settings, "image_processor_type": "BitImageProcessor"}
+        return {**settings, "image_processor_type": self.processor_type}
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -395,10 +398,10 @@ class Dinov2ImageProcessor:
         """Settings of a `preprocessor_config.json`; a key it omits takes transformers' `BitImageProcessor` class
         default (CLIP mean/std, shortest edge 224), as in transformers. Keyword arguments override."""
         kind = config.get("image_processor_type") or config.get("feature_extractor_type")
-        if kind is not None and kind not in _COMPATIBLE_TYPES:
-            raise ValueError(f"This preprocessor config is for {kind!r}; dinokit implements the DINOv2 "
-                             f"BitImageProcessor pipeline only ({', '.join(sorted(_COMPATIBLE_TYPES))}).")
-        settings = {**_BIT_CLASS_DEFAULTS, **{k: v for k, v in config.items() if k in _SETTINGS}, **kwargs}
+        if kind is not None and kind not in cls.compatible_types:
+            raise ValueError(f"This preprocessor config is for {kind!r}; dinokit's {cls.__name__} implements the "
+                             f"{cls.processor_type} pipeline only ({', '.join(sorted(cls.compatible_types))}).")
+        settings = {**cls.class_defaults, **{k: v for k, v in config.items() if k in _SETTINGS}, **kwargs}
         if config.get("do_pad") and not settings.get("do_center_crop", True):
             raise ValueError("do_pad=True without the centre crop is not supported by dinokit's processor.")
         ignored = sorted(set(config) - set(_SETTINGS) - {"image_processor_type", "feature_extractor_type", "do_pad"})
@@ -615,13 +618,67 @@ def _as_return_type(pixel_values: torch.Tensor | list, return_tensors: str | Non
     return tensor.to(device) if device is not None else tensor
 
 
+class DINOv3ViTImageProcessor(Dinov2ImageProcessor):
+    """transformers' `DINOv3ViTImageProcessor` (its torchvision pipeline, the only one it has), bit for bit, for
+    PIL images, numpy arrays and torch tensors: RGB conversion as `Dinov2ImageProcessor`, then **rescale (x 1/255)
+    before resizing**, a bilinear antialiased torchvision resize of the float image to 224x224 (squashed, no crop),
+    and ImageNet normalisation (spec dinov3.md §3.4). Used by every DINOv3 repo, ViT and ConvNeXt, LVD and SAT (the
+    SAT repos carry ImageNet statistics too; pass Meta's SAT mean/std to match Meta's README instead)."""
+
+    processor_type = "DINOv3ViTImageProcessor"
+    compatible_types = {"DINOv3ViTImageProcessor", "DINOv3ViTImageProcessorFast"}
+    class_defaults = {"size": {"height": 224, "width": 224}, "resample": Image.Resampling.BILINEAR,
+                      "do_center_crop": False, "image_mean": IMAGENET_DEFAULT_MEAN, "image_std": IMAGENET_DEFAULT_STD}
+
+    def __init__(self, do_resize: bool = True, size: int | dict[str, int] | None = None,
+                 resample: int = Image.Resampling.BILINEAR, do_center_crop: bool = False,
+                 crop_size: int | dict[str, int] | None = None, **kwargs: Any):
+        size = {"height": size, "width": size} if isinstance(size, int) else size
+        super().__init__(do_resize=do_resize, size=size or {"height": 224, "width": 224}, resample=resample,
+                         do_center_crop=do_center_crop, crop_size=crop_size or 224, **kwargs)
+
+    def _process_one(self, image: Any, options: dict[str, Any] | None = None) -> np.ndarray:
+        """One image through transformers' order: rescale -> resize (float, antialiased) -> crop -> normalise."""
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as tvF
+
+        o = options if options is not None else self._options({})
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        x = torch.from_numpy(np.ascontiguousarray(_to_channels_first(image, o["do_convert_rgb"],
+                                                                     o["input_data_format"])))
+        if x.shape[-1] == 0 or x.shape[-2] == 0:
+            raise ValueError(f"Empty image of shape {tuple(x.shape)}.")
+        if o["do_rescale"]:
+            x = x * o["rescale_factor"]  # uint8 * float -> float32, as transformers' `rescale`
+        if o["do_resize"]:
+            modes = {0: InterpolationMode.NEAREST_EXACT, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
+            if int(o["resample"]) not in modes:
+                raise ValueError(f"resample={o['resample']} is not supported (nearest 0, bilinear 2, bicubic 3 are)")
+            height, width = resize_output_size(*x.shape[-2:], o["size"])
+            x = tvF.resize(x, [height, width], interpolation=modes[int(o["resample"])], antialias=True)
+        if o["do_center_crop"]:
+            (top_pad, bottom_pad, left_pad, right_pad), top, left = crop_box(*x.shape[-2:], o["crop_size"]["height"],
+                                                                             o["crop_size"]["width"])
+            x = F.pad(x, (left_pad, right_pad, top_pad, bottom_pad))
+            x = x[..., top:top + o["crop_size"]["height"], left:left + o["crop_size"]["width"]]
+        if o["do_normalize"]:
+            x = tvF.normalize(x.to(torch.float32), list(o["image_mean"]), list(o["image_std"]))
+        return x.numpy()
+
+    def _torchvision_batch(self, images: Any, o: dict[str, Any], device: Any) -> list[np.ndarray]:
+        # One pipeline whatever the backend: transformers' (there is no PIL variant of this processor).
+        return [self._process_one(image, o) for image in _flat_list_of_images(images)]
+
+
 # Note: constructed directly, it has the DINOv2 defaults, not transformers' class defaults (CLIP mean/std, 224);
 # from_pretrained() reads a config exactly as transformers does.
 BitImageProcessor = Dinov2ImageProcessor
 
 
 class AutoImageProcessor:
-    """`AutoImageProcessor.from_pretrained(dir_or_hub_id)` -> `Dinov2ImageProcessor`, as in transformers."""
+    """`AutoImageProcessor.from_pretrained(dir_or_hub_id)` -> `Dinov2ImageProcessor` or `DINOv3ViTImageProcessor`
+    by the config's `image_processor_type`, as in transformers."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         raise TypeError("AutoImageProcessor is not instantiated directly: use AutoImageProcessor.from_pretrained("
@@ -629,7 +686,15 @@ class AutoImageProcessor:
 
     @staticmethod
     def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Dinov2ImageProcessor:
-        return Dinov2ImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        """The processor class named by the config's `image_processor_type` (DINOv2's Bit, or DINOv3's)."""
+        path = resolve_file(pretrained_model_name_or_path, PREPROCESSOR_CONFIG_NAME,
+                            revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"))
+        try:
+            kind = json.loads(Path(path).read_text()).get("image_processor_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            kind = None  # the class's own reader gives the full error
+        cls = DINOv3ViTImageProcessor if kind in DINOv3ViTImageProcessor.compatible_types else Dinov2ImageProcessor
+        return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,2 +1,2 @@
-"""Model families over the shared `dinokit.layers`: one module per family with its config and its
-transformers-style classes (DINOv2's live in `dinokit.config` / `dinokit.hf`)."""
+"""Model families beyond DINOv2, one module per family (its config and transformers-style classes), over the
+shared building blocks in `dinokit.layers`; DINOv2's live in `dinokit.config` / `dinokit.hf`."""

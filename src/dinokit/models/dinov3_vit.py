@@ -24,6 +24,7 @@ import torch
 from dinokit import checkpoints_dinov3 as ckpt3
 from dinokit.config import _COMMON_DEFAULTS, Dinov2Config
 from dinokit.hf import Dinov2Backbone, Dinov2Model, Dinov2PreTrainedModel
+from dinokit.models import dinov3_license
 from dinokit.outputs import ModelOutput
 from dinokit.vision_transformer import DinoVisionTransformer
 
@@ -188,15 +189,7 @@ class DINOv3ViTPreTrainedModel(Dinov2PreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """transformers' layout (`model.layer.N.*`), the config, and the DINOv3 License notice of the weights."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        write_license_notice(Path(save_directory))
-
-
-def write_license_notice(directory: Path) -> Path:
-    from dinokit import atomic
-
-    path = directory / ckpt3.LICENSE_FILE
-    atomic.write_text(path, ckpt3.LICENSE_NOTICE)
-    return path
+        dinov3_license.write_notice_dir(save_directory)
 
 
 class DINOv3ViTModel(DINOv3ViTPreTrainedModel, Dinov2Model):
