@@ -65,6 +65,11 @@ class Dinov2PreTrainedModel(nn.Module):
         return _load_config(source, revision, cache_dir)
 
     @classmethod
+    def base_model_class(cls) -> type[Dinov2Model]:
+        """The family's bare encoder, which task models (classification, segmentation) wrap."""
+        return Dinov2Model
+
+    @classmethod
     def normal_form_from_file(cls, state: Mapping[str, torch.Tensor]):
         """A checkpoint's tensors (any layout) -> (backbone state dict in dinokit's names, classifier head)."""
         backbone, head, _ = ckpt.to_meta(state, layout=ckpt.detect_layout(state))
@@ -371,8 +376,8 @@ class Dinov2ForImageClassification(Dinov2PreTrainedModel):
     def __init__(self, config: Dinov2Config) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.dinov2 = Dinov2Model(config)
-        width = config.hidden_size * (5 if config.num_classifier_layers == 4 else 2)
+        self.dinov2 = self.base_model_class()(config)
+        width = config.hidden_size * (5 if getattr(config, "num_classifier_layers", 1) == 4 else 2)
         self.classifier = nn.Linear(width, config.num_labels) if config.num_labels > 0 else nn.Identity()
         if isinstance(self.classifier, nn.Linear):
             nn.init.trunc_normal_(self.classifier.weight, std=config.initializer_range)
@@ -386,7 +391,7 @@ class Dinov2ForImageClassification(Dinov2PreTrainedModel):
         vit = self.dinov2.vit
         x, hidden_states, attentions = self.dinov2._encode(pixel_values, None, head_mask, output_attentions)
         first_patch = 1 + vit.num_register_tokens
-        if self.config.num_classifier_layers == 4:
+        if getattr(self.config, "num_classifier_layers", 1) == 4:
             last4 = [vit.norm(h) for h in hidden_states[-4:]]
             linear_input = torch.cat([h[:, 0] for h in last4] + [last4[-1][:, first_patch:].mean(dim=1)], dim=1)
         else:

@@ -29,10 +29,14 @@ from dinokit.dense.linear_depth import LinearDepthHead
 from dinokit.dense.losses import sigloss
 from dinokit.dense.padding import center_pad
 from dinokit.hf import Dinov2Backbone
+from dinokit.models.dinov3_vit import DINOv3ViTBackbone, DINOv3ViTConfig
 from dinokit.outputs import ModelOutput
 
 LINEAR_MODEL_TYPE = "dinov2_linear_depth"
 BACKBONE_PREFIX = "backbone."
+# The ViT backbones a depth model runs on: config class and backbone class per backbone_config model_type.
+BACKBONE_CONFIGS = {**CONFIG_CLASSES, DINOv3ViTConfig.model_type: DINOv3ViTConfig}
+BACKBONE_CLASSES = {"dinov2": Dinov2Backbone, "dinov3_vit": DINOv3ViTBackbone}
 
 
 class DepthEstimatorOutput(ModelOutput):
@@ -58,9 +62,10 @@ class DepthConfig:
         if not backbone:
             raise ValueError("depth config has no backbone_config")
         backbone_type = backbone.get("model_type", "dinov2")
-        if backbone_type not in CONFIG_CLASSES:
-            raise ValueError(f"depth model backbone is {backbone_type!r}; dinokit runs DINOv2 backbones only")
-        self.backbone_config: Dinov2Config = CONFIG_CLASSES[backbone_type](**backbone)
+        if backbone_type not in BACKBONE_CONFIGS:
+            raise ValueError(f"depth model backbone is {backbone_type!r}; depth heads read ViT patch tokens, which "
+                             f"dinokit has for {', '.join(sorted(BACKBONE_CONFIGS))}")
+        self.backbone_config: Dinov2Config = BACKBONE_CONFIGS[backbone_type](**backbone)
         d = self.data
         if self.model_type == "dpt":
             if d.get("is_hybrid") or d.get("use_batch_norm_in_fusion_residual"):
@@ -139,8 +144,8 @@ class Dinov2ForDepthEstimation(nn.Module):
     def __init__(self, config: DepthConfig):
         super().__init__()
         self.config = config
-        self.backbone = Dinov2Backbone(config.backbone_config)
         bc = config.backbone_config
+        self.backbone = BACKBONE_CLASSES[bc.family](bc)
         if config.head_type == "linear":
             d = config.data
             self.head = LinearDepthHead(bc.hidden_size, len(bc.out_indices), d.get("min_depth", 0.001),
@@ -163,12 +168,18 @@ class Dinov2ForDepthEstimation(nn.Module):
         return float(self.config.settings.min_depth), float("inf")
 
     def levels(self, pixel_values: torch.Tensor):
-        """(patch tokens (B, N, D), CLS (B, D)) of the selected blocks, the patch grid, the backbone output."""
-        out = self.backbone(pixel_values, output_hidden_states=False, return_dict=True)
-        first_patch = 1 + self.config.backbone_config.num_register_tokens
-        grid = (pixel_values.shape[-2] // self.config.backbone_config.patch_size,
-                pixel_values.shape[-1] // self.config.backbone_config.patch_size)
-        return [(h[:, first_patch:], h[:, 0]) for h in out.feature_maps], grid, out
+        """(patch tokens (B, N, D), CLS (B, D)) of the selected blocks (final-normed iff the backbone config's
+        `apply_layernorm`), the patch grid, all hidden states. Read from the blocks directly, the same way for
+        both ViT families (their Backbone classes differ in what they norm and drop)."""
+        bc = self.config.backbone_config
+        _, hidden_states, _ = self.backbone._encode(pixel_values)
+        first_patch = 1 + bc.num_register_tokens
+        grid = (pixel_values.shape[-2] // bc.patch_size, pixel_values.shape[-1] // bc.patch_size)
+        levels = []
+        for index in bc.out_indices:
+            h = self.backbone.vit.norm(hidden_states[index]) if bc.apply_layernorm else hidden_states[index]
+            levels.append((h[:, first_patch:], h[:, 0]))
+        return levels, grid, hidden_states
 
     def head_forward(self, levels, grid) -> torch.Tensor:
         if self.neck is None:
@@ -202,7 +213,7 @@ class Dinov2ForDepthEstimation(nn.Module):
     # ------------------------------------------------------------ weights
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """transformers' names: `backbone.embeddings...`, `neck...`, `head...` (linear: `head.conv_depth.*`)."""
-        out = {BACKBONE_PREFIX + k: v for k, v in ckpt.meta_to_hf(self.backbone.vit.state_dict()).items()}
+        out = {BACKBONE_PREFIX + k: v for k, v in self.backbone.hf_state_dict().items()}
         for name, module in (("neck.", self.neck), ("head.", self.head)):
             if module is not None:
                 out.update({name + k: v for k, v in module.state_dict().items()})
@@ -211,7 +222,8 @@ class Dinov2ForDepthEstimation(nn.Module):
     def load_hf_state_dict(self, state, source: str = "checkpoint") -> None:
         backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
         rest = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
-        self.backbone.load_meta_state_dict(ckpt.hf_to_meta(backbone), None, source=source)
+        normal, _ = self.backbone.normal_form_from_file(backbone)
+        self.backbone.load_meta_state_dict(normal, None, source=source)
         heads = nn.ModuleDict({"head": self.head, **({"neck": self.neck} if self.neck is not None else {})})
         expected = heads.state_dict()
         missing = sorted(set(expected) - set(rest))

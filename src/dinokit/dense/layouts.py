@@ -22,7 +22,7 @@ import torch
 
 from dinokit import checkpoints as ckpt
 from dinokit.dense.depth import DepthConfig, Dinov2ForDepthEstimation
-from dinokit.dense.segmentation import Dinov2ForSemanticSegmentation
+from dinokit.dense.segmentation import Dinov2ForSemanticSegmentation, segmentation_class
 
 DEPTH_RANGES = {"nyu": (0.001, 10.0), "kitti": (0.001, 80.0)}
 
@@ -56,7 +56,7 @@ def load_meta_segmentation_head(head_file: str | os.PathLike, model) -> Dinov2Fo
         raise ckpt.CheckpointError(f"{head_file}: a head of {weight.shape[1]} input channels does not fit a "
                                    f"{config.hidden_size}-wide backbone (linear: D, ms: 4D)")
     config = config.copy(segmentation_head="linear" if ratio == 1 else "ms", num_labels=weight.shape[0])
-    segmenter = Dinov2ForSemanticSegmentation(config)
+    segmenter = segmentation_class(config)(config)
     segmenter.load_meta_state_dict(backbone, head, source=str(head_file))
     return segmenter.eval()
 

@@ -15,15 +15,18 @@ from dinokit.eval.features import staging_dir
 MARKER = "metrics.json"  # written last into the staging folder; a dense output folder always has it
 
 
-def check_output(output: Path, architecture: str) -> None:
-    """OUT may be new, empty, or an earlier output of the same command (then it is replaced)."""
+def check_output(output: Path, architecture: str | tuple[str, ...]) -> None:
+    """OUT may be new, empty, or an earlier output of the same command (then it is replaced); `architecture`:
+    the model class name(s) such an output has."""
     if output.is_file():
         raise ValueError(f"--output {output} is a file: give a folder")
     if not output.is_dir() or not any(p for p in output.iterdir() if not p.name.startswith(".")):
         return
     config = output / "config.json"
     try:
-        ours = (output / MARKER).is_file() and architecture in json.loads(config.read_text()).get("architectures", [])
+        names = (architecture,) if isinstance(architecture, str) else architecture
+        written = json.loads(config.read_text()).get("architectures", [])
+        ours = (output / MARKER).is_file() and any(name in written for name in names)
     except (OSError, ValueError):
         ours = False
     if not ours:
@@ -32,7 +35,7 @@ def check_output(output: Path, architecture: str) -> None:
 
 
 @contextmanager
-def staged_output(output: Path, command: str, architecture: str):
+def staged_output(output: Path, command: str, architecture: str | tuple[str, ...]):
     """Lock OUT (lock file beside it), check it, yield a staging folder; on success the staging folder replaces
     OUT. On any error the staging folder is removed and OUT is left as it was."""
     output = Path(output).expanduser()

@@ -38,9 +38,7 @@ from dinokit.dense.output import MARKER, staged_output, write_predictions
 from dinokit.dense.padding import center_pad
 from dinokit.dense.palette import index_png, overlay
 from dinokit.dense.seg_head import BNSegHead
-from dinokit.dense.segmentation import Dinov2ForSemanticSegmentation
-
-ARCHITECTURE = "Dinov2ForSemanticSegmentation"
+from dinokit.dense.segmentation import ARCHITECTURES, Dinov2ForSemanticSegmentation, segmentation_class
 
 
 @dataclass
@@ -163,16 +161,17 @@ def train_segmentation(model, train, val, output, *, num_classes: int | None = N
     backbone = dinokit.load_model(model)
     names = ["background", "foreground"] if binarize and num_classes == 2 else None
     seg_config = backbone.config.copy(segmentation_head=head, num_labels=num_classes,
-                                      semantic_loss_ignore_index=ignore_index, architectures=[ARCHITECTURE])
+                                      semantic_loss_ignore_index=ignore_index)
     if names:
         seg_config.id2label = dict(enumerate(names))
         seg_config.label2id = {n: i for i, n in enumerate(names)}
-    segmenter = Dinov2ForSemanticSegmentation(seg_config)
+    segmenter = segmentation_class(seg_config)(seg_config)
+    seg_config.architectures = [type(segmenter).__name__]
     segmenter.dinov2.load_meta_state_dict(backbone.vit.state_dict(), None)
     segmenter.eval()
     processor = dense_processor(size)
     check_processor(processor, segmenter.config.patch_size)
-    with staged_output(Path(output), "dinokit segment train", ARCHITECTURE) as staging:
+    with staged_output(Path(output), "dinokit segment train", ARCHITECTURES) as staging:
         extractor = SegmentationFeatures(segmenter)
         train_features = split_features(extractor, train_split, processor, cache_dir, progress)
         val_features = split_features(extractor, val_split, processor, cache_dir, progress)

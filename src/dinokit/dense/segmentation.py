@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from dinokit import checkpoints as ckpt
 from dinokit.dense.padding import center_pad
 from dinokit.dense.seg_head import HEAD_BLOCKS, BNSegHead
-from dinokit.hf import Dinov2Model, Dinov2PreTrainedModel, _load_config, _load_weights
+from dinokit.hf import Dinov2PreTrainedModel, _load_weights
+from dinokit.models.dinov3_vit import DINOv3ViTPreTrainedModel
 from dinokit.outputs import ModelOutput
 
 IGNORE_INDEX = 255
@@ -46,7 +47,7 @@ class Dinov2ForSemanticSegmentation(Dinov2PreTrainedModel):
         if not hasattr(config, "semantic_loss_ignore_index"):
             config.semantic_loss_ignore_index = IGNORE_INDEX
         self.num_labels = config.num_labels
-        self.dinov2 = Dinov2Model(config)
+        self.dinov2 = self.base_model_class()(config)
         self.decode_head = BNSegHead(self.feature_channels, config.num_labels)
 
     @property
@@ -103,21 +104,42 @@ class Dinov2ForSemanticSegmentation(Dinov2PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, config=None, strict: bool = True,
                         revision: str | None = None, cache_dir: str | None = None, **overrides):
+        """A segmentation folder of either ViT family: the class follows the config (DINOv2 or DINOv3)."""
+        from dinokit.auto import read_config
         from dinokit.hub import resolve_file
 
         source = pretrained_model_name_or_path
-        config = config or _load_config(source, revision, cache_dir)
+        config = config or read_config(source, revision, cache_dir)
         for key, value in overrides.items():
             setattr(config, key, value)
+        cls = segmentation_class(config)
         state = _load_weights(source, revision, cache_dir, resolve_file)
         head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
         if not head:
             raise ckpt.CheckpointError(f"{source} has no segmentation head (no '{HEAD_PREFIX}*' weights): it is "
-                                       f"not a Dinov2ForSemanticSegmentation checkpoint")
-        backbone, _, _ = ckpt.to_meta({k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}, "hf")
+                                       f"not a segmentation checkpoint")
+        backbone, _ = cls.normal_form_from_file({k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)})
         model = cls(config)
         model.load_meta_state_dict(backbone, head, strict=strict, source=str(source))
         return model.eval()
+
+
+class DINOv3ViTForSemanticSegmentation(DINOv3ViTPreTrainedModel, Dinov2ForSemanticSegmentation):
+    """The same heads on DINOv3 ViT patch features (output stride 16). Saved as dinokit's file: the backbone
+    under `dinov3_vit.` (transformers' names), the head under Meta's names."""
+
+
+SEGMENTATION_CLASSES = {"dinov2": Dinov2ForSemanticSegmentation, "dinov3_vit": DINOv3ViTForSemanticSegmentation}
+ARCHITECTURES = tuple(c.__name__ for c in SEGMENTATION_CLASSES.values())
+
+
+def segmentation_class(config) -> type[Dinov2ForSemanticSegmentation]:
+    """The segmentation model class for a backbone config; a backbone without patch tokens is refused."""
+    family = getattr(config, "family", None)
+    if family not in SEGMENTATION_CLASSES:
+        raise ValueError(f"segmentation heads read ViT patch tokens; a {getattr(config, 'model_type', family)!r} "
+                         f"backbone has none. Use a DINOv2 or DINOv3 ViT")
+    return SEGMENTATION_CLASSES[family]
 
 
 def load_head_state(head: BNSegHead, state, source: str = "head") -> None:

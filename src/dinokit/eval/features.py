@@ -101,7 +101,7 @@ def backbone_features(model: nn.Module, pixel_values: torch.Tensor,
     """(cls_blocks (B, n, D), patch_mean (B, D)) in float32 from a frozen backbone, n = min(n_blocks, depth)."""
     depth = model_depth(model)
     n_blocks = min(n_blocks, depth) if depth else n_blocks
-    outputs = backbone_module(model).get_intermediate_layers(pixel_values, n_blocks, return_class_token=True)
+    outputs = backbone_module(model).get_intermediate_layers(pixel_values, n=n_blocks, return_class_token=True)
     cls_blocks = torch.stack([cls for _, cls in outputs], dim=1)
     patch_mean = outputs[-1][0].mean(dim=1)
     return cls_blocks.float(), patch_mean.float()

@@ -51,14 +51,15 @@ class FinetuneConfig:
 
 
 def build_classifier(model, classes: list[str]):
-    """A `Dinov2ForImageClassification` with the backbone weights of `model` and a fresh head for `classes`."""
-    from dinokit.hf import Dinov2ForImageClassification
+    """The classifier of `model`'s family (`Dinov2ForImageClassification`, `DINOv3ViTForImageClassification`)
+    with the backbone weights of `model` and a fresh head for `classes`."""
+    from dinokit.auto import model_class
 
     backbone = dinokit.load_model(model)
     config = backbone.config.copy(id2label={i: name for i, name in enumerate(classes)},
                                   label2id={name: i for i, name in enumerate(classes)},
                                   num_classifier_layers=1, problem_type="single_label_classification")
-    classifier = Dinov2ForImageClassification(config)
+    classifier = model_class(config.model_type, "classification")(config)
     classifier.dinov2.vit.load_state_dict(backbone.vit_module.state_dict())
     return classifier
 

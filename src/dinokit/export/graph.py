@@ -9,6 +9,7 @@ module, chosen per interpolation mode (model.md §3):
 | size + antialias (0, True) | `ResizedPositions` | Resize with `antialias=1` (a=-0.5, ONNX opset >= 18): any size |
 | offset (> 0, False) | `ScaleFactorPositions` | torch's scale-factor bicubic written as two small matrices: any size |
 | any | `PrecomputedPositions` | eager grids for declared sizes, selected by the input shape; other sizes fail |
+| RoPE (DINOv3) | none | the RoPE tables, computed from the patch grid in the graph: any size, no extra input |
 
 Why `ScaleFactorPositions`: the exporters turn the Python-float scale factor of Meta's offset mode into a constant
 (the graph then silently returns the grid of the example size at every size), and the reference skips the
@@ -143,9 +144,12 @@ class PrecomputedPositions(nn.Module):
 class InferenceGraph(nn.Module):
     """`model(pixel_values)` as exported: returns (last_hidden_state, pooler_output) like transformers' tuples.
 
-    Same computation as `prepare_tokens_with_masks` without masks, then the blocks and the final norm."""
+    Same computation as `prepare_tokens_with_masks` without masks, then the blocks and the final norm. A RoPE
+    model (DINOv3) has no position module: its blocks take the (cos, sin) tables of the input's patch grid,
+    which the graph computes from that grid (`rope_embed` does not cache while tracing), so every size works
+    and the only input stays `pixel_values`."""
 
-    def __init__(self, model: nn.Module, positions: nn.Module) -> None:
+    def __init__(self, model: nn.Module, positions: nn.Module | None) -> None:
         super().__init__()
         self.vit = model.vit_module if hasattr(model, "vit_module") else model
         self.positions = positions
@@ -157,18 +161,23 @@ class InferenceGraph(nn.Module):
         grid_h, grid_w = x.shape[-2], x.shape[-1]
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat((vit.cls_token.expand(batch, -1, -1).to(x.dtype), x), dim=1)
-        x = x + self.positions(vit.pos_embed, grid_h, grid_w).to(x.dtype)
+        if self.positions is not None:
+            x = x + self.positions(vit.pos_embed, grid_h, grid_w).to(x.dtype)
         if vit.register_tokens is not None:
             x = torch.cat((x[:, :1], vit.register_tokens.expand(batch, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
+        rope = vit.rope_embed(grid_h, grid_w) if vit.rope_embed is not None else None
         for block in vit.blocks:
-            x = block(x)
+            x = block(x, rope=rope)
         x = vit.norm(x)
         return x, x[:, 0]
 
 
 def position_module(model: nn.Module, positions: str = "dynamic", sizes: list[tuple[int, int]] | None = None):
-    """The position module for `model`'s interpolation mode; `positions` is "dynamic" or "precomputed"."""
+    """The position module for `model`'s interpolation mode; `positions` is "dynamic" or "precomputed". None for
+    a RoPE model, whose tables the graph computes at every size."""
     vit = model.vit_module if hasattr(model, "vit_module") else model
+    if vit.pos_embed is None:
+        return None
     if positions == "precomputed":
         if not sizes:
             raise ValueError("precomputed position grids need the list of input sizes (sizes=[(224, 224), ...])")

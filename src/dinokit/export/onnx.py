@@ -109,6 +109,8 @@ def check_sizes(sizes, patch_size: int) -> list[tuple[int, int]]:
 
 
 def interpolation_name(vit: nn.Module) -> str:
+    if vit.pos_embed is None:
+        return "rope"
     if vit.interpolate_offset:
         return f"offset={vit.interpolate_offset:g}" + ("+antialias" if vit.interpolate_antialias else "")
     return "size+antialias" if vit.interpolate_antialias else "size"
@@ -116,6 +118,10 @@ def interpolation_name(vit: nn.Module) -> str:
 
 def backbone_of(model: nn.Module) -> nn.Module:
     vit = model.vit_module if hasattr(model, "vit_module") else model
+    if hasattr(vit, "convnext"):
+        raise ValueError(f"{type(model).__name__} is a DINOv3 ConvNeXt: export writes the ViTs' inference graph "
+                         f"(tokens and their final norm: DINOv2, DINOv3 ViT); export a ViT, or the ConvNeXt with "
+                         f"torch.onnx.export(model, ...) directly")
     if not hasattr(vit, "pos_embed") or not hasattr(vit, "blocks"):
         raise TypeError(f"cannot export {type(model).__name__}: pass a dinokit model (dinokit.load_model(...))")
     return vit
@@ -128,10 +134,11 @@ def prepare_model(model) -> nn.Module:
 
         model = load_model(model)
     vit = backbone_of(model)
-    if vit.pos_embed.dtype != torch.float32:
-        raise ValueError(f"export a float32 model (got {vit.pos_embed.dtype}): call model.float() first; onnxruntime "
+    weight = vit.patch_embed.proj.weight
+    if weight.dtype != torch.float32:
+        raise ValueError(f"export a float32 model (got {weight.dtype}): call model.float() first; onnxruntime "
                          f"int8 comes from --int8, not from a low-precision torch model")
-    if vit.pos_embed.device.type != "cpu":
+    if weight.device.type != "cpu":
         raise ValueError("export runs on the CPU: move the model with model.cpu() first")
     return model.eval()
 
@@ -144,13 +151,21 @@ def eager_outputs(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.T
     return hidden, hidden[:, 0]
 
 
+def example_size(patch_size: int) -> tuple[int, int]:
+    """A rectangular, non-native size of 16 x 22 patches (224x308 at patch 14, 256x352 at patch 16): traced at,
+    it keeps the exporters from specialising on square or stored-grid inputs."""
+    return 16 * patch_size, 22 * patch_size
+
+
 def check_sizes_for(model: nn.Module, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sizes to validate an export at: the declared ones, else 224x224, the native size and 224x308."""
+    """Sizes to validate an export at: the declared ones, else a square of 16 x 16 patches (224x224 at patch 14),
+    the native size and the rectangular `example_size`."""
     if sizes:
         return sizes
     vit = backbone_of(model)
     native = vit.patch_embed.img_size
-    return check_sizes([(224, 224), tuple(native), (224, 308)], vit.patch_size)
+    square = 16 * vit.patch_size
+    return check_sizes([(square, square), tuple(native), example_size(vit.patch_size)], vit.patch_size)
 
 
 def export_modules(opset: int, validate: bool = True) -> list[str]:
@@ -254,11 +269,11 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, s
     }
     # A rectangular, non-native example keeps the exporters from specialising on square or stored-grid inputs;
     # precomputed grids can only trace at a declared size.
-    example_size = sizes[0] if positions == "precomputed" else (224, 308)
+    traced_size = sizes[0] if positions == "precomputed" else example_size(vit.patch_size)
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_800_000_000  # protobuf limit 2 GB
     with staging_dir(path) as tmp:
         staged = tmp / path.name
-        _write_onnx(graph, staged, example_size, opset, metadata, large)
+        _write_onnx(graph, staged, traced_size, opset, metadata, large)
         report = ExportReport(path, opset, metadata["interpolation"], positions, sizes)
         if validate:
             session = ort_session(staged)
@@ -271,6 +286,11 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, s
 def _choose_positions(vit: nn.Module, opset: int, positions: str, sizes) -> str:
     if positions not in ("auto", "dynamic", "precomputed"):
         raise ValueError(f"positions must be 'auto', 'dynamic' or 'precomputed', got {positions!r}")
+    if vit.pos_embed is None:
+        if positions == "precomputed":
+            raise ValueError("this model encodes positions with RoPE, computed in the graph at every input size; "
+                             "there is no position table to precompute (use --positions auto)")
+        return "dynamic"
     if positions == "precomputed":
         if not sizes:
             raise ValueError("positions='precomputed' needs the list of input sizes (--sizes 224,518,224x308)")

@@ -24,6 +24,7 @@ from dinokit.export.onnx import (
     check_sizes,
     check_sizes_for,
     eager_outputs,
+    example_size,
     interpolation_name,
     prepare_model,
     staging_dir,
@@ -55,7 +56,7 @@ def trace_model(model, sizes=None, positions: str = "auto") -> torch.jit.ScriptM
     sizes = check_sizes(sizes or [], vit.patch_size)
     positions = _choose_positions(vit, ANY_OPSET, positions, sizes)
     graph = InferenceGraph(model, position_module(model, positions, sizes)).eval()
-    example = torch.randn(2, 3, *(sizes[0] if positions == "precomputed" else (224, 308)))
+    example = torch.randn(2, 3, *(sizes[0] if positions == "precomputed" else example_size(vit.patch_size)))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about shape arithmetic: the checks below decide
         return torch.jit.trace(graph, (example,), check_trace=False)

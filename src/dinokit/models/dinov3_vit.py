@@ -22,12 +22,15 @@ import torch
 
 from dinokit import checkpoints_dinov3 as ckpt3
 from dinokit.config import _COMMON_DEFAULTS, Dinov2Config
-from dinokit.hf import Dinov2Backbone, Dinov2Model, Dinov2PreTrainedModel
+from dinokit.hf import Dinov2Backbone, Dinov2ForImageClassification, Dinov2Model, Dinov2PreTrainedModel
 from dinokit.models import dinov3_license
 from dinokit.outputs import ModelOutput
 from dinokit.vision_transformer import DinoVisionTransformer
 
 logger = logging.getLogger(__name__)
+
+# The heads a task model's file holds under dinokit's names (classification, semantic segmentation).
+HEAD_PREFIXES = ("classifier.", "decode_head.")
 
 _DINOV3_VIT_DEFAULTS: dict[str, Any] = {
     # transformers' DINOv3ViTConfig fields and defaults (ViT-S/16 shape)
@@ -155,9 +158,18 @@ class DINOv3ViTPreTrainedModel(Dinov2PreTrainedModel):
                                                           cache_dir=cache_dir))
 
     @classmethod
+    def base_model_class(cls) -> type[DINOv3ViTModel]:
+        return DINOv3ViTModel
+
+    @classmethod
     def normal_form_from_file(cls, state: Mapping[str, torch.Tensor]):
-        normal, _ = ckpt3.to_normal(state)
-        return normal, {}
+        """(backbone in the normal form, head): a task model's file holds the backbone under `dinov3_vit.` and
+        its head (`classifier.*`, `decode_head.*`) under dinokit's names."""
+        prefix = DINOv3ViTConfig.model_type + "."
+        head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
+        backbone = {k.removeprefix(prefix): v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+        normal, _ = ckpt3.to_normal(backbone)
+        return normal, head
 
     def get_intermediate_layers(self, x: torch.Tensor, *, n: int | Sequence[int] = 1, reshape: bool = False,
                                 return_class_token: bool = False, return_extra_tokens: bool = False,
@@ -182,8 +194,13 @@ class DINOv3ViTPreTrainedModel(Dinov2PreTrainedModel):
         vit._unmasked_bias_fixup()
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        backbone, _ = self.meta_state_dict()
-        return ckpt3.normal_to_hf(backbone)
+        """transformers' names; a task model (no transformers class exists) keeps its backbone under
+        `dinov3_vit.`, as transformers' task models of other families do, and its head under dinokit's names."""
+        backbone, head = self.meta_state_dict()
+        hf = ckpt3.normal_to_hf(backbone)
+        if self.base_model_prefix_in_checkpoint:
+            hf = {f"{self.config.model_type}.{k}": v for k, v in hf.items()}
+        return {**hf, **head}
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """transformers' layout (`model.layer.N.*`), the config, and the DINOv3 License notice of the weights."""
@@ -194,6 +211,12 @@ class DINOv3ViTPreTrainedModel(Dinov2PreTrainedModel):
 class DINOv3ViTModel(DINOv3ViTPreTrainedModel, Dinov2Model):
     """`last_hidden_state` (final-normed [CLS, 4 registers, patches]), `pooler_output` (its CLS),
     `hidden_states` (embeddings, then each block, un-normed), `attentions`; `bool_masked_pos` [B, HW]."""
+
+
+class DINOv3ViTForImageClassification(DINOv3ViTPreTrainedModel, Dinov2ForImageClassification):
+    """A linear head on `[CLS, mean of the patch tokens]` (registers excluded), as DINOv2's and as Meta's DINOv3
+    linear probes; transformers has no DINOv3 classifier, so the file is dinokit's (backbone under
+    `dinov3_vit.`, transformers' names; `classifier.*`)."""
 
 
 class DINOv3ViTBackboneOutput(ModelOutput):
@@ -276,8 +299,10 @@ def preset_config(name: str, **overrides: Any) -> DINOv3ViTConfig:
     return DINOv3ViTConfig(**kwargs)
 
 
-MODEL_CLASSES = {"base": DINOv3ViTModel, "backbone": DINOv3ViTBackbone}
+MODEL_CLASSES = {"base": DINOv3ViTModel, "classification": DINOv3ViTForImageClassification,
+                 "backbone": DINOv3ViTBackbone}
 
 __all__ = ["DINOv3ViTConfig", "DINOv3ViTPreTrainedModel", "DINOv3ViTModel", "DINOv3ViTBackbone",
+           "DINOv3ViTForImageClassification",
            "DINOv3ViTBackboneOutput", "DinoV3VisionTransformer", "build_dinov3_vit", "preset_config", "PRESETS",
            "HUB_IDS"]

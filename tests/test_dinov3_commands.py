@@ -1,0 +1,260 @@
+"""Every command that takes a DINOv2 model takes a DINOv3 one: each runs here end to end with a tiny DINOv3 ViT
+(patch 16, 4 registers, RoPE) saved with save_pretrained, and a hub id resolves through the Hugging Face cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dense_helpers import depth_dataset, seg_dataset
+from dinokit.cli import main
+from dinokit.models.dinov3_vit import DINOv3ViTConfig, DINOv3ViTModel
+
+from helpers import randomize_
+
+SIZE = 32  # 2 x 2 patches of 16
+HUB_ID = "facebook/dinov3-vits16-pretrain-lvd1689m"
+
+
+def tiny_config(**kw) -> DINOv3ViTConfig:
+    settings = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                    num_register_tokens=4, layerscale_value=1.0, image_size=SIZE)
+    return DINOv3ViTConfig(**{**settings, **kw})
+
+
+def save_tiny_dinov3(path: Path, seed: int = 0, **kw) -> Path:
+    torch.manual_seed(seed)
+    randomize_(DINOv3ViTModel(tiny_config(**kw)), seed=seed).save_pretrained(path)
+    return path
+
+
+def _picture(rng, width: int, height: int) -> Image.Image:
+    coarse = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8))
+    return coarse.resize((width, height), Image.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_dinov3(tmp_path_factory.mktemp("dinov3") / "model")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """12 distinct pictures and a re-compressed copy of one (a near-duplicate)."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        _picture(rng, 60 + 4 * i, 48).save(root / f"photo_{i:02d}.png")
+    Image.open(root / "photo_03.png").convert("RGB").save(root / "photo_03_q40.jpg", quality=40)
+    return root
+
+
+@pytest.fixture(scope="module")
+def embedded(photos, model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("emb") / "emb"
+    assert main(["embed", str(photos), "--model", str(model_dir), "--output", str(out), "--image-size", str(SIZE),
+                 "--batch-size", "4", "--num-workers", "0", "--quiet"]) == 0
+    return out
+
+
+def test_embed_stores_cls_vectors_of_the_dinov3_model(embedded, photos, model_dir):
+    import dinokit
+    from dinokit.apps import store
+    from dinokit.apps.embed import embed_images
+
+    manifest = json.loads((embedded / "manifest.json").read_text())
+    assert manifest["patch_size"] == 16 and manifest["model"]["class"] == "DINOv3ViTModel"
+    vectors, meta = store.load_embeddings(embedded, with_metadata=True)
+    assert vectors.shape == (13, 64)
+    first = meta.column("path").to_pylist().index(str(photos / "photo_00.png"))
+    model = dinokit.load_model(model_dir)
+    expected = embed_images([photos / "photo_00.png"], model, image_size=SIZE)[0]
+    np.testing.assert_allclose(vectors[first], expected, atol=1e-5)
+
+
+def test_embed_patch_pooling_keeps_the_16_pixel_grid(photos, model_dir, tmp_path):
+    from dinokit.apps import store
+
+    out = tmp_path / "patches"
+    assert main(["embed", str(photos / "photo_01.png"), "--model", str(model_dir), "--output", str(out),
+                 "--image-size", "48", "--pooling", "patch", "--num-workers", "0", "--quiet"]) == 0
+    assert store.load_embeddings(out).shape == (1, 9, 64)  # 48 / 16 = 3 x 3 patches, registers left out
+
+
+def test_index_search_and_dedup_on_dinov3_embeddings(embedded, photos, tmp_path, capsys):
+    assert main(["index", str(embedded)]) == 0
+    capsys.readouterr()
+    assert main(["search", str(embedded), str(photos / "photo_05.png"), "-k", "2", "--json"]) == 0
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert Path(answer["results"][0]["path"]).name == "photo_05.png"
+    groups = tmp_path / "groups.csv"
+    assert main(["dedup", str(embedded), "--threshold", "0.98", "--output", str(groups)]) == 0
+    text = groups.read_text()
+    assert "photo_03.png" in text and "photo_03_q40.jpg" in text
+
+
+def test_embed_int8_runs_the_dinov3_blocks_in_int8(photos, model_dir, embedded, tmp_path):
+    from dinokit.apps import store
+
+    out = tmp_path / "int8"
+    assert main(["embed", str(photos), "--model", str(model_dir), "--output", str(out), "--image-size", str(SIZE),
+                 "--num-workers", "0", "--int8", "--quiet"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["int8"] is True
+    a, b = store.load_embeddings(out), store.load_embeddings(embedded)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.98
+
+
+def test_pca_command_uses_16_pixel_patches(photos, model_dir, tmp_path, capsys):
+    from dinokit.apps.pca import GAP
+
+    out = tmp_path / "pca.png"
+    assert main(["pca", str(photos / "photo_03.png"), "-o", str(out), "--model", str(model_dir), "--size", "32",
+                 "--threshold", "none"]) == 0
+    with Image.open(out) as image:
+        assert image.size == (2 * 48 + GAP, 32)  # 72x48 -> 48x32: 3 x 2 patches of 16
+    assert main(["pca", str(photos / "photo_00.png"), "-o", str(tmp_path / "attn.png"), "--model", str(model_dir),
+                 "--size", "32", "--attention"]) == 0
+    assert main(["pca", str(photos / "photo_00.png"), "-o", str(tmp_path / "x.png"), "--model", str(model_dir),
+                 "--size", "28"]) == 2
+    assert "multiple of the patch size 16" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- serve
+def test_serve_answers_searches_and_pca_with_the_dinov3_model(embedded, photos):
+    pytest.importorskip("fastapi", reason="dinokit serve needs the `serve` extra: pip install 'dinokit[serve]'")
+    from fastapi.testclient import TestClient
+
+    from dinokit.apps.serve.app import create_app
+    from dinokit.apps.serve.collection import Collection
+
+    with TestClient(create_app(Collection(embedded), max_wait_ms=5)) as client:
+        health = client.get("/api/health").json()
+        assert health["status"] == "ok" and health["dim"] == 64
+        upload = {"image": ("q.png", (photos / "photo_07.png").read_bytes())}
+        answer = client.post("/api/search?k=2", files=upload)
+        assert answer.status_code == 200, answer.text
+        assert Path(answer.json()["results"][0]["path"]).name == "photo_07.png"
+        picture = client.post("/api/pca", files=upload)
+        assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> tuple[Path, Path]:
+    """Two classes (red and blue squares on noise), 6 training and 4 validation images each, as ImageFolders."""
+    root = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(3)
+    for split, count in (("train", 6), ("val", 4)):
+        for name, colour in (("blue", (30, 30, 220)), ("red", (220, 30, 30))):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
+                top, left = rng.integers(0, 16, 2)
+                pixels[top:top + 20, left:left + 20] = colour
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root / "train", root / "val"
+
+
+def test_eval_knn_on_dinov3_features(labelled, model_dir, tmp_path):
+    train, val = labelled
+    out = tmp_path / "knn.json"
+    assert main(["eval", "knn", "--model", str(model_dir), "--train", str(train), "--val", str(val),
+                 "--resize", "36", "--crop", "32", "--ks", "3", "--num-workers", "0", "--cache-dir",
+                 str(tmp_path / "cache"), "--quiet", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["num_val"] == 8 if "num_val" in report else True
+    assert "3" in json.dumps(report)
+
+
+def test_finetune_then_classify_with_a_dinov3_backbone(labelled, model_dir, tmp_path, capsys):
+    import dinokit
+
+    train, val = labelled
+    out = tmp_path / "classifier"
+    assert main(["finetune", "--model", str(model_dir), "--train", str(train), "--val", str(val), "--output",
+                 str(out), "--epochs", "2", "--train-batch-size", "4", "--num-workers", "0", "--resize", "36",
+                 "--crop", "32", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    classifier = dinokit.load_model(out, task="classification")
+    assert type(classifier).__name__ == "DINOv3ViTForImageClassification"
+    backbone = dinokit.load_model(model_dir)
+    pixels = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        hidden = backbone(pixels).last_hidden_state
+        features = torch.cat([hidden[:, 0], hidden[:, 5:].mean(1)], dim=1)
+        torch.testing.assert_close(classifier(pixel_values=pixels).logits, classifier.classifier(features))
+    capsys.readouterr()
+    image = next(val.glob("red/*.png"))
+    assert main(["classify", str(image), "--model", str(out), "--top-k", "2", "--json"]) == 0
+    (prediction,) = json.loads(capsys.readouterr().out)
+    assert {p["label"] for p in prediction["top_k"]} == {"red", "blue"}
+
+
+# ---------------------------------------------------------------------------------------------------- dense
+DENSE = ["--size", "32", "--iterations", "10", "--batch-size", "2", "--quiet"]
+
+
+def test_segment_train_then_predict_on_16_pixel_patches(model_dir, tmp_path):
+    train, val = seg_dataset(tmp_path / "train"), seg_dataset(tmp_path / "val", seed=1)
+    out = tmp_path / "seg"
+    assert main(["segment", "train", "--model", str(model_dir), "--train", str(train), "--val", str(val),
+                 "--output", str(out), "--cache-dir", str(tmp_path / "cache"), *DENSE]) == 0
+    assert 0 <= json.loads((out / "metrics.json").read_text())["miou"] <= 1
+    pred = tmp_path / "pred"
+    assert main(["segment", "predict", str(val / "images"), "--model", str(out), "-o", str(pred), "--quiet"]) == 0
+    with Image.open(pred / "img0.png") as mask:
+        assert mask.size == (44, 30)
+
+
+def test_depth_train_then_predict_on_16_pixel_patches(model_dir, tmp_path):
+    train, val = depth_dataset(tmp_path / "train"), depth_dataset(tmp_path / "val", seed=1)
+    out = tmp_path / "depth"
+    assert main(["depth", "train", "--model", str(model_dir), "--train", str(train), "--val", str(val),
+                 "--output", str(out), "--layers", "1", "--cache-dir", str(tmp_path / "cache"), *DENSE]) == 0
+    assert "abs_rel" in json.loads((out / "metrics.json").read_text())
+    pred = tmp_path / "pred"
+    assert main(["depth", str(val / "images" / "img0.png"), "--model", str(out), "-o", str(pred), "--quiet"]) == 0
+    assert (pred / "img0_depth16.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def test_export_onnx_computes_rope_in_the_graph_and_matches_eager_at_two_sizes(model_dir, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import dinokit
+    from dinokit.export import read_metadata
+    from dinokit.export.onnx import ort_session
+
+    out = tmp_path / "model.onnx"
+    assert main(["export", "onnx", "--model", str(model_dir), "--out", str(out), "--sizes", "32,48x80"]) == 0
+    session = ort_session(out)
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]  # no mask input
+    assert read_metadata(out)["patch_size"] == 16
+    model = dinokit.load_model(model_dir)
+    for height, width in ((32, 32), (48, 80), (64, 112)):  # the last one was not declared: sizes are dynamic
+        pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height))
+        hidden, pooled = session.run(None, {"pixel_values": pixels.numpy()})
+        with torch.no_grad():
+            reference = model(pixels)
+        assert np.abs(hidden - reference.last_hidden_state.numpy()).max() <= 1e-4
+        assert np.abs(pooled - reference.pooler_output.numpy()).max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------- distill
+def test_train_distills_a_student_from_a_dinov3_teacher(model_dir, tmp_path):
+    from ssl_helpers import TINY, make_images
+
+    images = make_images(tmp_path / "images", n=16)
+    run = tmp_path / "student"
+    overrides = TINY + ["student.embed_dim=32", "student.depth=1", "optim.epochs=2", "optim.warmup_epochs=0",
+                        "train.OFFICIAL_EPOCH_LENGTH=4"]
+    assert main(["train", "--data", str(images), "--output", str(run), "--distill-from", str(model_dir),
+                 "--no-progress", *overrides]) == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(line["cls_distill_loss"]) for line in lines)
+    assert (run / "teacher" / "model.safetensors").is_file()
