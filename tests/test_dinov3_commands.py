@@ -231,18 +231,26 @@ def test_export_onnx_computes_rope_in_the_graph_and_matches_eager_at_two_sizes(m
     from dinokit.export.onnx import ort_session
 
     out = tmp_path / "model.onnx"
-    assert main(["export", "onnx", "--model", str(model_dir), "--out", str(out), "--sizes", "32,48x80"]) == 0
+    assert main(["export", "onnx", "--model", str(model_dir), "--out", str(out), "--sizes", "32,48x80", "--int8",
+                 "--check-count", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "interpolation rope" in printed and "mean cosine" in printed
+    assert (tmp_path / "model.int8.onnx").is_file()
     session = ort_session(out)
     assert [i.name for i in session.get_inputs()] == ["pixel_values"]  # no mask input
     assert read_metadata(out)["patch_size"] == 16
     model = dinokit.load_model(model_dir)
-    for height, width in ((32, 32), (48, 80), (64, 112)):  # the last one was not declared: sizes are dynamic
+    for height, width in ((32, 32), (48, 80), (64, 112)):  # the last was not declared: the graph takes any size
         pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height))
         hidden, pooled = session.run(None, {"pixel_values": pixels.numpy()})
         with torch.no_grad():
             reference = model(pixels)
+        assert hidden.shape == (2, 1 + 4 + height * width // 256, 64)
         assert np.abs(hidden - reference.last_hidden_state.numpy()).max() <= 1e-4
         assert np.abs(pooled - reference.pooler_output.numpy()).max() <= 1e-4
+    assert main(["export", "onnx", "--model", str(model_dir), "--out", str(tmp_path / "bad.onnx"),
+                 "--positions", "precomputed", "--sizes", "32"]) == 2
+    assert "RoPE" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- distill
