@@ -266,3 +266,115 @@ def test_train_distills_a_student_from_a_dinov3_teacher(model_dir, tmp_path):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(line["cls_distill_loss"]) for line in lines)
     assert (run / "teacher" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- model references
+def _hub_cache(root: Path, hub_id: str) -> Path:
+    """A Hugging Face cache (HF_HUB_CACHE layout) holding a tiny stand-in for `hub_id`, with its processor."""
+    from dinokit.processing import DINOv3ViTImageProcessor
+
+    repo = root / ("models--" + hub_id.replace("/", "--"))
+    commit = "0" * 40
+    snapshot = save_tiny_dinov3(repo / "snapshots" / commit, seed=5)
+    DINOv3ViTImageProcessor().save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return root
+
+
+def test_a_dinov3_hub_id_resolves_through_the_hub_cache_for_embed_and_search(photos, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(_hub_cache(tmp_path / "hub", HUB_ID)))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "emb"
+    assert main(["embed", str(photos), "--model", HUB_ID, "--output", str(out), "--image-size", str(SIZE),
+                 "--num-workers", "0", "--quiet"]) == 0
+    model = json.loads((out / "manifest.json").read_text())["model"]
+    assert model["spec"] == HUB_ID and model["random_weights"] is False and model["class"] == "DINOv3ViTModel"
+    assert main(["index", str(out)]) == 0
+    capsys.readouterr()
+    # search loads the model again from the id the manifest recorded
+    assert main(["search", str(out), str(photos / "photo_02.png"), "-k", "1", "--json"]) == 0
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert Path(answer["results"][0]["path"]).name == "photo_02.png"
+
+
+def test_embeddings_of_a_dinov3_preset_are_marked_random_and_not_reloaded(photos, tmp_path, capsys):
+    out = tmp_path / "emb"
+    assert main(["embed", str(photos / "photo_00.png"), "--model", "dinov3_vits16", "--output", str(out),
+                 "--image-size", "32", "--num-workers", "0", "--quiet"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["model"]["random_weights"] is True
+    assert main(["index", str(out)]) == 0
+    # a second random init would give other vectors: search refuses rather than compare unlike features
+    assert main(["search", str(out), str(photos / "photo_00.png")]) == 2
+    assert "randomly initialised" in capsys.readouterr().err
+
+
+def test_a_model_with_its_own_normalisation_is_fed_with_it(photos, tmp_path):
+    import dinokit
+    from dinokit.apps import store
+    from dinokit.dense.features import dense_processor
+    from dinokit.eval.features import default_transform
+    from dinokit.models.dinov3_vit import SAT_MEAN, SAT_STD
+    from dinokit.processing import eval_transform
+
+    folder = save_tiny_dinov3(tmp_path / "sat", image_mean=list(SAT_MEAN), image_std=list(SAT_STD))
+    model = dinokit.load_model(folder)
+    out = tmp_path / "emb"
+    assert main(["embed", str(photos / "photo_04.png"), "--model", str(folder), "--output", str(out),
+                 "--image-size", str(SIZE), "--num-workers", "0", "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["preprocessing"]["mean"] == list(SAT_MEAN)
+    transform = eval_transform(resize=round(SIZE * 256 / 224), crop=SIZE, image_mean=SAT_MEAN, image_std=SAT_STD)
+    with Image.open(photos / "photo_04.png") as image, torch.no_grad():
+        expected = model(transform(image.convert("RGB"))[None]).pooler_output[0].numpy()
+    np.testing.assert_allclose(store.load_embeddings(out)[0], expected, atol=1e-5)
+    assert list(dense_processor(32, model).image_mean) == list(SAT_MEAN)
+    assert "mean [0.43" in repr(default_transform(model))  # and so in the feature-cache key
+
+
+# ---------------------------------------------------------------------------------------------------- ConvNeXt
+@pytest.fixture(scope="module")
+def convnext_dir(tmp_path_factory) -> Path:
+    from dinokit.models.dinov3_convnext import DINOv3ConvNextConfig, DINOv3ConvNextModel
+
+    path = tmp_path_factory.mktemp("convnext") / "model"
+    torch.manual_seed(0)
+    DINOv3ConvNextModel(DINOv3ConvNextConfig(hidden_sizes=[16, 24, 32, 48], depths=[1, 1, 1, 1])).save_pretrained(path)
+    return path
+
+
+def test_a_convnext_embeds_on_its_stride_32_grid(photos, convnext_dir, tmp_path):
+    from dinokit.apps import store
+
+    out = tmp_path / "emb"
+    assert main(["embed", str(photos), "--model", str(convnext_dir), "--output", str(out), "--image-size", "64",
+                 "--pooling", "cls+mean", "--num-workers", "0", "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["patch_size"] == 32 and store.load_embeddings(out).shape == (13, 96)
+
+
+@pytest.fixture(scope="module")
+def data_sets(tmp_path_factory, labelled) -> dict:
+    root = tmp_path_factory.mktemp("sets")
+    return {"seg": seg_dataset(root / "seg"), "depth": depth_dataset(root / "depth"), "train": labelled[0],
+            "val": labelled[1]}
+
+
+@pytest.mark.parametrize("command, words", [
+    (["export", "onnx", "--out", "{tmp}/m.onnx"], "ConvNeXt"),
+    (["pca", "{photo}", "-o", "{tmp}/p.png", "--size", "64", "--attention"], "no attention"),
+    (["segment", "train", "--train", "{seg}", "--val", "{seg}", "--output", "{tmp}/o", "--size", "64"],
+     "patch tokens"),
+    (["depth", "train", "--train", "{depth}", "--val", "{depth}", "--output", "{tmp}/o", "--size", "64"],
+     "patch tokens"),
+    (["finetune", "--train", "{train}", "--val", "{val}", "--output", "{tmp}/o", "--num-workers", "0"],
+     "classification"),
+])
+def test_commands_that_need_vit_tokens_refuse_a_convnext_in_one_line(command, words, convnext_dir, photos, data_sets,
+                                                                      tmp_path, capsys):
+    filled = [w.format(tmp=tmp_path, photo=photos / "photo_00.png", **data_sets) for w in command]
+    assert main([*filled, "--model", str(convnext_dir)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1

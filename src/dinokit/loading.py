@@ -27,6 +27,19 @@ ALL_PRESETS = sorted(PRESETS + list(dinov3_convnext.PRESETS) + dinov3_vit.PRESET
 logger = logging.getLogger(__name__)
 
 
+def preset_name(spec) -> str | None:
+    """`spec` when it names a preset (an architecture with random weights: `vits14`, `dinov2_vits14`,
+    `dinov3_vits16`, `convnext_tiny`, ...) and no file of that name exists; else None."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    name = str(spec)
+    if Path(name).expanduser().exists():
+        return None
+    known = (name in dinov3_vit.HUB_IDS or name.removeprefix("dinov3_") in dinov3_convnext.PRESETS
+             or name in HUB_IDS or name.replace("dinov2_", "") in HUB_IDS)
+    return name if known else None
+
+
 def load_checkpoint(path: str | os.PathLike, head: str | os.PathLike | None = None, strict: bool = True,
                     **config_overrides):
     """Load a Meta, timm, Hugging Face or dinokit training checkpoint file as a dinokit model.
@@ -158,7 +171,31 @@ def load_model(spec: str | os.PathLike | nn.Module, task: str = "base", **kwargs
                 + f". Presets: {', '.join(ALL_PRESETS)}; hub ids look like 'facebook/dinov2-small'.")
     config = kwargs.pop("config", None) or auto.AutoConfig.from_pretrained(
         spec, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"))
+    _normalization_from_processor(config, spec, kwargs.get("revision"), kwargs.get("cache_dir"))
     return auto.model_class(config.model_type, task).from_pretrained(spec, config=config, **kwargs)
+
+
+def _normalization_from_processor(config, spec, revision, cache_dir) -> None:
+    """DINOv3's released folders state their normalisation (LVD-1689M: ImageNet's; SAT-493M: its own) only in
+    preprocessor_config.json: carry it into the config (`image_mean` / `image_std`), where the commands read it
+    (`processing.model_normalization`). A config that states it already keeps its own."""
+    import json
+
+    from dinokit.hub import resolve_file
+
+    if not config.model_type.startswith("dinov3") or getattr(config, "image_mean", None) is not None:
+        return
+    path = resolve_file(spec, "preprocessor_config.json", required=False, revision=revision, cache_dir=cache_dir)
+    if path is None:
+        return
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # the model still loads
+        logger.warning("%s: preprocessor_config.json is unreadable (%s); its inputs get ImageNet's normalisation",
+                       spec, exc)
+        return
+    if isinstance(settings, dict) and settings.get("image_mean") and settings.get("image_std"):
+        config.image_mean, config.image_std = list(settings["image_mean"]), list(settings["image_std"])
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> Path:

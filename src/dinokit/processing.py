@@ -712,10 +712,22 @@ class EvalTransform:
     def __call__(self, image: Any) -> torch.Tensor:
         return torch.from_numpy(self.processor._process_one(image, self._options))
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # names everything that changes the pixels (feature caches are keyed by it)
         o = self._options
+        imagenet = (tuple(o["image_mean"]), tuple(o["image_std"])) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        normalization = "ImageNet mean/std" if imagenet else f"mean {list(o['image_mean'])}, std {list(o['image_std'])}"
         return (f"EvalTransform(resize shortest_edge={o['size'].get('shortest_edge', o['size'])}, "
-                f"crop={o['crop_size']['height']}x{o['crop_size']['width']}, bicubic PIL, ImageNet mean/std)")
+                f"crop={o['crop_size']['height']}x{o['crop_size']['width']}, bicubic PIL, {normalization})")
+
+
+def model_normalization(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a model's inputs are normalised with: its config's `image_mean` / `image_std` where it has them
+    (the DINOv3 SAT-493M models have their own), else ImageNet's (DINOv2 and the other DINOv3 models)."""
+    config = getattr(model, "config", model)
+    mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
+    if mean is None or std is None:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def eval_transform(resize: int = 256, crop: int | tuple[int, int] = 224,

@@ -46,6 +46,7 @@ from dinokit.apps import store
 from dinokit.data import loading, sources
 from dinokit.data.images import display_path, pil_to_rgb, read_image
 from dinokit.extras import require
+from dinokit.processing import model_normalization
 
 POOLINGS = ("cls", "mean", "cls+mean", "patch")
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -109,13 +110,13 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def describe_model(model: nn.Module, spec) -> dict:
-    from dinokit.config import HUB_IDS
+    from dinokit.loading import preset_name
 
     config = getattr(model, "config", None)
     text = None if isinstance(spec, nn.Module) else str(spec)
+    preset = text is not None and preset_name(text) is not None
     if text is not None and Path(text).expanduser().exists():
         text = str(Path(text).expanduser().resolve())
-    preset = text is not None and (text in HUB_IDS or text.replace("dinov2_", "") in HUB_IDS)
     return {"spec": text, "class": type(model).__name__, "random_weights": preset,
             "weights_sha256": weights_sha256(model),
             "config": config.to_dict() if hasattr(config, "to_dict") else None}
@@ -140,16 +141,21 @@ def _hidden_size(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
-def eval_transform(image_size: int):
-    """The DINOv2 evaluation transform scaled to `image_size`: short side to image_size * 256/224, centre crop."""
+def eval_transform(image_size: int, normalization=None):
+    """The DINOv2 evaluation transform scaled to `image_size`: short side to image_size * 256/224, centre crop;
+    `normalization`: (mean, std), by default ImageNet's (see `processing.model_normalization`)."""
+    from dinokit.processing import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from dinokit.processing import eval_transform as dinov2_eval_transform
 
-    return dinov2_eval_transform(resize=round(image_size * 256 / 224), crop=image_size)
+    mean, std = normalization or (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    return dinov2_eval_transform(resize=round(image_size * 256 / 224), crop=image_size, image_mean=mean,
+                                 image_std=std)
 
 
-def preprocessing_description(image_size: int) -> dict:
+def preprocessing_description(image_size: int, normalization) -> dict:
+    mean, std = normalization
     return {"resize_short_side": round(image_size * 256 / 224), "interpolation": "bicubic (PIL)",
-            "center_crop": image_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "center_crop": image_size, "mean": list(mean), "std": list(std),
             "exif_transpose": True, "transparency": "composited onto white", "16-bit": "scaled to 8 bits"}
 
 
@@ -230,7 +236,7 @@ def embed_images(images: list, model, *, image_size: int = 224, pooling: str = "
     device = select_device(device)
     model = model.to(device).eval()
     _check_image_size(model, image_size)
-    transform = eval_transform(image_size)
+    transform = eval_transform(image_size, model_normalization(model))
     pixels = []
     for image in images:
         image = image if isinstance(image, Image.Image) else read_image(image)  # ImageReadError names the file
@@ -319,6 +325,7 @@ class Plan:
     shape: tuple[int, ...]
     shard_metadata: bool  # WebDataset sources: key, url and caption columns in the metadata
     int8: bool = False  # each engine quantises its own copy of the float model (`runnable_model`)
+    normalization: tuple = ()  # (mean, std) of the model's inputs; () = ImageNet's
 
     def shard_range(self, shard: int) -> range:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.entries)))
@@ -389,12 +396,13 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
             raise ValueError(f"shard_size must be at least 1, got {shard_size}")
         num_shards = -(-len(entries) // shard_size)
         plan = Plan(entries, num_shards, shard_size, batch_size, image_size, pooling, normalize, DTYPES[dtype],
-                    shape, shard_metadata=any(e.tar is not None for e in entries), int8=int8)
+                    shape, shard_metadata=any(e.tar is not None for e in entries), int8=int8,
+                    normalization=model_normalization(model))
 
         manifest = {
             "format": FORMAT, "complete": False, "model": describe_model(model, spec),
             "image_size": image_size, "patch_size": _patch_size(model),
-            "preprocessing": preprocessing_description(image_size), "pooling": pooling,
+            "preprocessing": preprocessing_description(image_size, plan.normalization), "pooling": pooling,
             "dim": shape[-1], "shape": list(shape), "dtype": dtype, "normalized": normalize,
             "num_files": len(entries), "num_shards": num_shards, "shard_size": shard_size, "batch_size": batch_size,
             "inputs_sha256": hashlib.sha256(b"\n".join(os.fsencode(e.key) for e in entries)).hexdigest(),
@@ -504,7 +512,8 @@ def _embed_shards(plan: Plan, model, output_dir, shards, num_workers, device, sh
     batches = [indices for _, indices in plan.batches(shards)]  # shard-aligned: the same batches in every run
     if num_workers is None:
         num_workers = default_num_workers(device)
-    loader = DataLoader(ImageFiles(plan.entries, eval_transform(plan.image_size)), batch_sampler=batches,
+    loader = DataLoader(ImageFiles(plan.entries, eval_transform(plan.image_size, plan.normalization)),
+                        batch_sampler=batches,
                         collate_fn=collate, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
                         persistent_workers=False,
                         worker_init_fn=_yield_to_the_model if device.type == "cpu" else None)

@@ -115,7 +115,8 @@ def _pipeline(plan, model, shards, workers: int, gpus_per_worker: float):
             for number, (shard, indices) in enumerate(plan.batches(shards))]
     model_ref = ray.put(model.cpu().eval())
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    dataset = dataset.map(decode_row, fn_kwargs={"image_size": plan.image_size}, num_cpus=1,
+    dataset = dataset.map(decode_row, fn_kwargs={"image_size": plan.image_size, "normalization": plan.normalization},
+                          num_cpus=1,
                           compute=ray.data.TaskPoolStrategy(), max_retries=-1)
     return dataset.map_batches(
         Embedder,
@@ -130,13 +131,13 @@ def _entries_json(plan, indices: list[int]) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _transform(image_size: int):
+def _transform(image_size: int, normalization: tuple = ()):
     from dinokit.apps.embed import eval_transform
 
-    return eval_transform(image_size)
+    return eval_transform(image_size, normalization)
 
 
-def decode_row(row: dict, image_size: int) -> dict:
+def decode_row(row: dict, image_size: int, normalization: tuple = ()) -> dict:
     """A Ray task's work on one batch row: read and preprocess its images (the local engine's `decode`)."""
     from dinokit.apps.embed import decode
 
@@ -144,7 +145,7 @@ def decode_row(row: dict, image_size: int) -> dict:
     entries = [Entry(**e) for e in json.loads(row["entries"])]
     good, pixels, sizes, failed = [], [], [], []
     for index, entry in zip(indices, entries):
-        image, width, height, error = decode(entry, _transform(image_size))
+        image, width, height, error = decode(entry, _transform(image_size, tuple(map(tuple, normalization))))
         if error is None:
             good.append(index)
             pixels.append(image.numpy())

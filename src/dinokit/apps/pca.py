@@ -28,8 +28,6 @@ from PIL import Image
 
 from dinokit.apps.store import atomic_write
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 GAP = 4  # white pixels between panels
 
 
@@ -183,17 +181,21 @@ def draw_pca_picture(images: list, *, model="facebook/dinov2-small", size: int =
 
     from dinokit.apps.embed import load, select_device
     from dinokit.data.token_bound import check_short_side
+    from dinokit.processing import model_normalization
 
     if not images:
         raise ValueError("Give at least one image")
     device = select_device(device)
     model = load(model).to(device).eval()
+    if attention and not hasattr(model, "vit_module"):
+        raise ValueError(f"--attention draws a ViT's last-block CLS attention; {type(model).__name__} has no "
+                         f"attention (a DINOv3 ConvNeXt is a CNN): draw its PCA picture without --attention")
     patch_size = int(getattr(model.config, "patch_size", 14))
     if size % patch_size:
         raise ValueError(f"size must be a multiple of the patch size {patch_size}, got {size}")
     check_short_side(size, patch_size)  # before reading any image
     inputs = [resize_to_patches(_open(p), size, patch_size, _name(p)) for p in images]
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(values).view(3, 1, 1) for values in model_normalization(model))
     features, maps = [], []
     with torch.inference_mode():
         for image in inputs:  # one at a time: images may have different shapes

@@ -52,6 +52,13 @@ def meta_layer_indices(num_layers: int, n: int) -> list[int]:
     return table.get(num_layers, [max(0, round(i * num_layers / 4) - 1) for i in range(1, 5)])
 
 
+def _check_backbone_type(model_type: str) -> str:
+    if model_type not in BACKBONE_CONFIGS:
+        raise ValueError(f"depth model backbone is {model_type!r}; depth heads read ViT patch tokens, which "
+                         f"dinokit has for {', '.join(sorted(BACKBONE_CONFIGS))}")
+    return model_type
+
+
 class DepthConfig:
     """The model's settings as the config.json dict of transformers (dpt / depth_anything) or dinokit (linear)."""
 
@@ -61,10 +68,7 @@ class DepthConfig:
         backbone = dict(self.data.get("backbone_config") or {})
         if not backbone:
             raise ValueError("depth config has no backbone_config")
-        backbone_type = backbone.get("model_type", "dinov2")
-        if backbone_type not in BACKBONE_CONFIGS:
-            raise ValueError(f"depth model backbone is {backbone_type!r}; depth heads read ViT patch tokens, which "
-                             f"dinokit has for {', '.join(sorted(BACKBONE_CONFIGS))}")
+        backbone_type = _check_backbone_type(backbone.get("model_type", "dinov2"))
         self.backbone_config: Dinov2Config = BACKBONE_CONFIGS[backbone_type](**backbone)
         d = self.data
         if self.model_type == "dpt":
@@ -107,6 +111,7 @@ class DepthConfig:
     @classmethod
     def linear(cls, backbone_config: Dinov2Config, n_layers: int = 4, min_depth: float = 0.001,
                max_depth: float = 10.0) -> DepthConfig:
+        _check_backbone_type(backbone_config.model_type)
         blocks = meta_layer_indices(backbone_config.num_hidden_layers, n_layers)
         return cls({"model_type": LINEAR_MODEL_TYPE, "architectures": ["Dinov2ForDepthEstimation"],
                     "backbone_config": _backbone_dict(backbone_config, blocks, apply_layernorm=False),
@@ -116,6 +121,7 @@ class DepthConfig:
     @classmethod
     def dpt(cls, backbone_config: Dinov2Config, min_depth: float = 0.0) -> DepthConfig:
         """Meta's DPT head as transformers converts it (facebook/dpt-dinov2-*): CLS readout, 4 Meta blocks."""
+        _check_backbone_type(backbone_config.model_type)
         d = backbone_config.hidden_size
         blocks = meta_layer_indices(backbone_config.num_hidden_layers, 4)
         data = {"model_type": "dpt", "architectures": ["DPTForDepthEstimation"], "is_hybrid": False,

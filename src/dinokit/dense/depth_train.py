@@ -108,7 +108,7 @@ def train_depth(model, train, val, output, *, depth_scale: float = 1000.0, min_d
     depther = Dinov2ForDepthEstimation(DepthConfig.linear(backbone.config, layers, min_depth, max_depth))
     depther.backbone.load_meta_state_dict(backbone.vit.state_dict(), None)
     depther.eval()
-    processor = dense_processor(size)
+    processor = dense_processor(size, backbone)
     check_processor(processor, depther.config.backbone_config.patch_size)
     with staged_output(Path(output), "dinokit depth train", ARCHITECTURE) as staging:
         extractor = DepthFeatures(depther)
@@ -142,7 +142,7 @@ def load_depther(path, size: int | None = None):
             return depther, Dinov2ImageProcessor.from_pretrained(path)
         except ValueError:  # transformers' DPT processor config: use dinokit's dense preprocessing
             pass
-    return depther, dense_processor(size or 518)
+    return depther, dense_processor(size or 518, depther.config.backbone_config)
 
 
 @torch.no_grad()

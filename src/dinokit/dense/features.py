@@ -37,11 +37,14 @@ from dinokit.eval.features import _hash_model, default_cache_dir, write_entry
 CACHE_FORMAT = 1
 
 
-def dense_processor(size: int):
-    from dinokit.processing import Dinov2ImageProcessor
+def dense_processor(size: int, model=None):
+    """Short side to `size` (bilinear), no crop, normalised as `model`'s inputs are (its config's mean/std, else
+    ImageNet's); saved beside a trained head, so prediction preprocesses the same way."""
+    from dinokit.processing import Dinov2ImageProcessor, model_normalization
 
+    mean, std = model_normalization(model)
     return Dinov2ImageProcessor(size={"shortest_edge": size}, do_center_crop=False,
-                                resample=Image.Resampling.BILINEAR)
+                                resample=Image.Resampling.BILINEAR, image_mean=mean, image_std=std)
 
 
 def _varies_in_size(processor) -> bool:

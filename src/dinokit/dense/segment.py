@@ -169,7 +169,7 @@ def train_segmentation(model, train, val, output, *, num_classes: int | None = N
     seg_config.architectures = [type(segmenter).__name__]
     segmenter.dinov2.load_meta_state_dict(backbone.vit.state_dict(), None)
     segmenter.eval()
-    processor = dense_processor(size)
+    processor = dense_processor(size, backbone)
     check_processor(processor, segmenter.config.patch_size)
     with staged_output(Path(output), "dinokit segment train", ARCHITECTURES) as staging:
         extractor = SegmentationFeatures(segmenter)

@@ -92,12 +92,6 @@ def _features_resume_hint(args) -> str | None:
     return None if args.no_cache else f"{RERUN_TO_RESUME} (finished feature sets are read from the cache)"
 
 
-def _transform(args):
-    from dinokit.processing import eval_transform
-
-    return eval_transform(resize=args.resize, crop=args.crop)
-
-
 def _cache_dir(args):
     return None if args.no_cache else args.cache_dir
 
@@ -119,7 +113,7 @@ def _eval_command(args) -> int:
             seed=args.seed))
     report = evaluate(args.protocol, args.model, args.train, args.val, batch_size=args.batch_size,
                       num_workers=args.num_workers, cache_dir=_cache_dir(args), device=args.device,
-                      transform=_transform(args), progress=not args.quiet, **options)
+                      resize=args.resize, crop=args.crop, progress=not args.quiet, **options)
     print(format_table(report))
     if args.output:
         print(f"wrote {write_json(report, args.output)}")

@@ -43,15 +43,16 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def describe_model(model: nn.Module, spec) -> dict:
-    from dinokit.config import HUB_IDS
+    from dinokit.loading import preset_name
 
     text = None if isinstance(spec, nn.Module) else str(spec)
+    preset = text is not None and preset_name(text) is not None
     if text is not None and Path(text).expanduser().exists():
         text = str(Path(text).expanduser().resolve())
     config = getattr(model, "config", None)
     return {"spec": text if text is not None else f"<in-memory {type(spec).__name__}>",
             "class": type(model).__name__,
-            "random_weights": text is not None and (text in HUB_IDS or text.replace("dinov2_", "") in HUB_IDS),
+            "random_weights": preset,
             "parameters": sum(p.numel() for p in model.parameters()),
             "config": config.to_dict() if hasattr(config, "to_dict") else None}
 
@@ -71,6 +72,8 @@ def evaluate(
     cache_dir: str | os.PathLike | None = "default",
     device: str | torch.device = "auto",
     transform=None,
+    resize: int = 256,
+    crop: int = 224,
     progress: bool = True,
     **options,
 ) -> dict:
@@ -80,7 +83,8 @@ def evaluate(
     - linear: `mode` ("fast" on cached features, or "reference" with augmented images through the backbone) and
       `config` (a `LinearProbeConfig`);
     - logreg: `c_values`, `holdout_fraction`, `max_iter`, `tol`, `backend` (see `logreg_evaluate`).
-    `train` / `val` are ImageFolder directories, file lists or `LabelledImages`.
+    `train` / `val` are ImageFolder directories, file lists or `LabelledImages`. Images go through `transform`,
+    by default the eval transform (short side `resize`, centre crop `crop`) normalised as the model's inputs are.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
@@ -91,7 +95,7 @@ def evaluate(
     spec = model
     model = dinokit.load_model(model)
     device = select_device(device)
-    transform = default_transform() if transform is None else transform
+    transform = default_transform(model, resize, crop) if transform is None else transform
     extract = dict(transform=transform, batch_size=batch_size, num_workers=num_workers, device=device,
                    cache_dir=cache_dir, progress=progress)
 

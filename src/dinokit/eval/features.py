@@ -49,11 +49,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dinokit" / "features"
 
 
-def default_transform():
-    """The DINOv2 eval transform: resize short side 256 (bicubic), centre crop 224, ImageNet normalisation."""
-    from dinokit.processing import eval_transform
+def default_transform(model: nn.Module | None = None, resize: int = 256, crop: int = 224):
+    """The DINOv2 eval transform: resize short side 256 (bicubic), centre crop 224, normalised as `model`'s inputs
+    are (ImageNet's mean/std but for the DINOv3 SAT-493M models; see `processing.model_normalization`)."""
+    from dinokit.processing import eval_transform, model_normalization
 
-    return eval_transform(resize=256, crop=224)
+    mean, std = model_normalization(model)
+    return eval_transform(resize=resize, crop=crop, image_mean=mean, image_std=std)
 
 
 @dataclass
@@ -211,7 +213,7 @@ def compute_features(model: nn.Module, images: LabelledImages, *, transform=None
                      num_workers: int = 0, n_blocks: int = N_LAST_BLOCKS, device: str | torch.device = "cpu",
                      progress: bool = True, description: str = "features") -> FeatureSet:
     """Run the backbone over every image (no cache). Unreadable images are skipped and listed."""
-    transform = default_transform() if transform is None else transform
+    transform = default_transform(model) if transform is None else transform
     device = torch.device(device)
     model = backbone_module(model).to(device).eval()
     loader = torch.utils.data.DataLoader(ImageDataset(images.paths, images.labels, transform),
@@ -250,7 +252,7 @@ def extract_features(model: nn.Module, images: LabelledImages, *, transform=None
 
     `cache_dir="default"` uses `default_cache_dir()`; `None` disables caching.
     """
-    transform = default_transform() if transform is None else transform
+    transform = default_transform(model) if transform is None else transform
     if cache_dir is None:
         return compute_features(model, images, transform=transform, batch_size=batch_size,
                                 num_workers=num_workers, n_blocks=n_blocks, device=device, progress=progress,

@@ -31,7 +31,7 @@ import dinokit
 from dinokit import atomic, locking
 from dinokit.eval.data import ImageDataset, collate_skipping_unreadable, load_splits
 from dinokit.eval.features import extract_features, staging_dir
-from dinokit.processing import eval_transform
+from dinokit.processing import eval_transform, model_normalization
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,9 @@ def _save(classifier, output: Path, log: dict, resize_size: int, crop_size: int)
 
     staging = staging_dir(output)
     classifier.save_pretrained(staging)
-    Dinov2ImageProcessor(size={"shortest_edge": resize_size}, crop_size=crop_size).save_pretrained(staging)
+    mean, std = model_normalization(classifier)
+    Dinov2ImageProcessor(size={"shortest_edge": resize_size}, crop_size=crop_size, image_mean=mean,
+                         image_std=std).save_pretrained(staging)
     (staging / "training_log.json").write_text(json.dumps(log, indent=2))
     previous = None
     if output.exists():
@@ -122,7 +124,8 @@ def _finetune(model, train, val, output: Path, config: FinetuneConfig, *, num_wo
     device = torch.device(device)
     backbone = dinokit.load_model(model)
     classifier = build_classifier(backbone, train_images.classes).to(device)
-    transform = eval_transform(resize=resize_size, crop=crop_size)
+    mean, std = model_normalization(backbone)
+    transform = eval_transform(resize=resize_size, crop=crop_size, image_mean=mean, image_std=std)
     started = time.perf_counter()
 
     setup = _unfrozen_setup if config.unfreeze else _frozen_setup

@@ -66,6 +66,12 @@ class DINOv3ConvNextConfig(PretrainedConfig):
         """Width of the output tokens (the last stage's)."""
         return self.hidden_sizes[-1]
 
+    @property
+    def patch_size(self) -> int:
+        """Pixels per output token: the last stage's stride (32 for four stages). The commands size token grids
+        with a ViT's patch size, so they size the ConvNeXt's [pooled, map] tokens the same way."""
+        return 4 * 2 ** (self.num_stages - 1)
+
 
 def preset_config(name: str, **overrides: Any) -> DINOv3ConvNextConfig:
     """`convnext_tiny` ... `convnext_large` (also `dinov3_convnext_*` and the hub ids)."""

@@ -36,6 +36,7 @@ from dinokit.apps.embed import (
 from dinokit.apps.index import _faiss, load_index, normalized_float32, resolve_index_dir
 from dinokit.apps.serve.lanes import install_stop_points
 from dinokit.apps.serve.uploads import UnreadableImage, decode_upload
+from dinokit.processing import model_normalization
 
 log = logging.getLogger("dinokit.serve")
 
@@ -111,7 +112,7 @@ class Collection:
         if dim != self.dim:
             raise ValueError(f"the model gives {dim}-dimensional {self.pooling} features but {self.emb_dir} holds "
                              f"{self.dim}-dimensional ones; serve it with the model it was embedded with.")
-        self.transform = eval_transform(self.image_size)
+        self.transform = eval_transform(self.image_size, model_normalization(self.model))
         self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
         self._duplicates: OrderedDict[float, list] = OrderedDict()
         self._lock = threading.Lock()
