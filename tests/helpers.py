@@ -51,3 +51,21 @@ def save_tiny_model(path, image_size: int = 28, seed: int = 0) -> str:
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
                              patch_size=14)).save_pretrained(path)
     return str(path)
+
+
+def tiny_dinov3_config(**kw):
+    """A DINOv3 ViT of the real shape rules, scaled down: patch 16, 4 registers, RoPE, 64 wide, 2 blocks, 2 heads."""
+    from dinokit.models.dinov3_vit import DINOv3ViTConfig
+
+    settings = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                    num_register_tokens=4, layerscale_value=1.0, image_size=32)
+    return DINOv3ViTConfig(**{**settings, **kw})
+
+
+def save_tiny_dinov3(path, seed: int = 0, **kw):
+    """`tiny_dinov3_config(**kw)` with every parameter randomised (seeded), saved with save_pretrained."""
+    from dinokit.models.dinov3_vit import DINOv3ViTModel
+
+    torch.manual_seed(seed)
+    randomize_(DINOv3ViTModel(tiny_dinov3_config(**kw)), seed=seed).save_pretrained(path)
+    return path

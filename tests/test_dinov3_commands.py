@@ -13,24 +13,11 @@ from PIL import Image
 
 from dense_helpers import depth_dataset, seg_dataset
 from dinokit.cli import main
-from dinokit.models.dinov3_vit import DINOv3ViTConfig, DINOv3ViTModel
 
-from helpers import randomize_
+from helpers import save_tiny_dinov3
 
 SIZE = 32  # 2 x 2 patches of 16
 HUB_ID = "facebook/dinov3-vits16-pretrain-lvd1689m"
-
-
-def tiny_config(**kw) -> DINOv3ViTConfig:
-    settings = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                    num_register_tokens=4, layerscale_value=1.0, image_size=SIZE)
-    return DINOv3ViTConfig(**{**settings, **kw})
-
-
-def save_tiny_dinov3(path: Path, seed: int = 0, **kw) -> Path:
-    torch.manual_seed(seed)
-    randomize_(DINOv3ViTModel(tiny_config(**kw)), seed=seed).save_pretrained(path)
-    return path
 
 
 def _picture(rng, width: int, height: int) -> Image.Image:
@@ -126,22 +113,53 @@ def test_pca_command_uses_16_pixel_patches(photos, model_dir, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- serve
-def test_serve_answers_searches_and_pca_with_the_dinov3_model(embedded, photos):
+def _post_image(url: str, path: Path) -> dict:
+    """POST one image as multipart form data (field `image`), the way the page uploads it."""
+    import urllib.request
+
+    boundary = "dinokit-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+
+def test_serve_process_answers_searches_with_the_dinov3_model(embedded, photos, tmp_path):
+    """A real `dinokit serve` on a real port: it loads the DINOv3 model the folder was embedded with and embeds
+    an uploaded query with it."""
     pytest.importorskip("fastapi", reason="dinokit serve needs the `serve` extra: pip install 'dinokit[serve]'")
-    from fastapi.testclient import TestClient
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-    from dinokit.apps.serve.app import create_app
-    from dinokit.apps.serve.collection import Collection
-
-    with TestClient(create_app(Collection(embedded), max_wait_ms=5)) as client:
-        health = client.get("/api/health").json()
+    assert main(["index", str(embedded)]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen([sys.executable, "-m", "dinokit", "serve", str(embedded), "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300  # a hang guard: the server imports torch and faiss first
+        health = None
+        while health is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(url + "/api/health", timeout=2) as response:
+                    health = json.load(response)
+            except OSError:
+                time.sleep(0.2)
+        assert health is not None, (tmp_path / "serve.log").read_text()[-2000:]
         assert health["status"] == "ok" and health["dim"] == 64
-        upload = {"image": ("q.png", (photos / "photo_07.png").read_bytes())}
-        answer = client.post("/api/search?k=2", files=upload)
-        assert answer.status_code == 200, answer.text
-        assert Path(answer.json()["results"][0]["path"]).name == "photo_07.png"
-        picture = client.post("/api/pca", files=upload)
-        assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+        answer = _post_image(url + "/api/search?k=2", photos / "photo_07.png")
+        assert Path(answer["results"][0]["path"]).name == "photo_07.png"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
 
 
 # ---------------------------------------------------------------------------------------------------- eval
@@ -169,8 +187,10 @@ def test_eval_knn_on_dinov3_features(labelled, model_dir, tmp_path):
                  "--resize", "36", "--crop", "32", "--ks", "3", "--num-workers", "0", "--cache-dir",
                  str(tmp_path / "cache"), "--quiet", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["num_val"] == 8 if "num_val" in report else True
-    assert "3" in json.dumps(report)
+    assert report["model"]["class"] == "DINOv3ViTModel" and report["model"]["random_weights"] is False
+    assert report["data"]["train"]["images"] == 12 and report["data"]["val"]["images"] == 8
+    assert "crop=32x32" in report["settings"]["transform"]
+    assert json.dumps(report["results"]).count('"k": 3') >= 1
 
 
 def test_finetune_then_classify_with_a_dinov3_backbone(labelled, model_dir, tmp_path, capsys):
@@ -263,6 +283,12 @@ def test_train_distills_a_student_from_a_dinov3_teacher(model_dir, tmp_path):
                         "train.OFFICIAL_EPOCH_LENGTH=4"]
     assert main(["train", "--data", str(images), "--output", str(run), "--distill-from", str(model_dir),
                  "--no-progress", *overrides]) == 0
+    from dinokit.ssl.distill import FeatureDistillArch, build_distill_arch
+    from dinokit.ssl.train_config import load_train_config
+
+    arch = build_distill_arch(load_train_config("cpu_tiny_cifar", [*overrides, f"distill.teacher={model_dir}"]), "cpu")
+    assert isinstance(arch, FeatureDistillArch) and arch.teacher.patch_size == 16
+    assert arch.teacher_size == 64  # the student's 4 x 4 grid (16-px crops, 4-px patches) at 16 px per patch
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(line["cls_distill_loss"]) for line in lines)
     assert (run / "teacher" / "model.safetensors").is_file()
@@ -345,7 +371,7 @@ def convnext_dir(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_convnext_embeds_on_its_stride_32_grid(photos, convnext_dir, tmp_path):
+def test_a_convnext_embeds_and_evaluates_on_its_stride_32_tokens(photos, convnext_dir, labelled, tmp_path):
     from dinokit.apps import store
 
     out = tmp_path / "emb"
@@ -353,6 +379,11 @@ def test_a_convnext_embeds_on_its_stride_32_grid(photos, convnext_dir, tmp_path)
                  "--pooling", "cls+mean", "--num-workers", "0", "--quiet"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["patch_size"] == 32 and store.load_embeddings(out).shape == (13, 96)
+    report = tmp_path / "knn.json"
+    assert main(["eval", "knn", "--model", str(convnext_dir), "--train", str(labelled[0]), "--val", str(labelled[1]),
+                 "--resize", "72", "--crop", "64", "--ks", "3", "--num-workers", "0", "--no-cache", "--quiet",
+                 "--output", str(report)]) == 0
+    assert json.loads(report.read_text())["data"]["val"]["images"] == 8
 
 
 @pytest.fixture(scope="module")

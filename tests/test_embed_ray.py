@@ -19,7 +19,7 @@ from dinokit.apps import store
 from dinokit.apps.embed import embed
 from shards import image_bytes, write_shard
 
-from helpers import save_tiny_model
+from helpers import save_tiny_dinov3, save_tiny_model
 
 ray = pytest.importorskip("ray")
 embed_module = importlib.import_module("dinokit.apps.embed")  # the module, not dinokit.apps.embed()
@@ -88,6 +88,22 @@ def test_ray_engine_writes_the_local_engines_vectors_metadata_and_errors(inputs,
     assert pq.read_table(store.shard_paths(tmp_path / "ray", 0, 4)[1]).equals(
         pq.read_table(store.shard_paths(tmp_path / "local", 0, 4)[1]))
     assert store.read_manifest(tmp_path / "ray")["engine"] == "ray"
+
+
+def test_ray_engine_embeds_with_a_dinov3_model_and_its_own_normalisation(inputs, tmp_path):
+    """Patch 16, registers, RoPE, and a non-ImageNet mean/std (the SAT-493M models'), which the Ray decoding
+    tasks must apply as the local engine does."""
+    from dinokit.models.dinov3_vit import SAT_MEAN, SAT_STD
+
+    model = save_tiny_dinov3(tmp_path / "dinov3", image_mean=list(SAT_MEAN), image_std=list(SAT_STD))
+    images = inputs[:8]  # 8 image files: 2 shards of 7 and 1
+    _run(images, model, tmp_path / "local", image_size=32)
+    _run(images, model, tmp_path / "ray", engine="ray", workers=1, image_size=32)
+    local_keys, local_vectors = _by_key(tmp_path / "local")
+    ray_keys, ray_vectors = _by_key(tmp_path / "ray")
+    assert ray_keys == local_keys and local_vectors.shape == (8, 64)
+    assert np.abs(ray_vectors - local_vectors).max() <= 1e-6
+    assert store.read_manifest(tmp_path / "ray")["preprocessing"]["mean"] == list(SAT_MEAN)
 
 
 def test_int8_ray_actors_quantise_as_the_local_engine_does(inputs, model_dir, tmp_path):

@@ -80,7 +80,7 @@ def iter_commands(parser: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="dinokit", description="DINOv2 models, training, evaluation and tools")
+    parser = CommandParser(prog="dinokit", description="DINOv2 and DINOv3 models, training, evaluation and tools")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

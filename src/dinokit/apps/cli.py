@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--normalize", action="store_true", help="store unit-length vectors")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="stored number type (float16 halves the files)")
-    p.add_argument("--image-size", type=int, default=224, help="crop size, a multiple of 14")
+    p.add_argument("--image-size", type=int, default=224, help="crop size, a multiple of the patch size (14 DINOv2, 16 DINOv3)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=None,
                    help="decoding processes (default: CPU cores up to 8 for a GPU model; for a CPU model 0 "
@@ -72,7 +72,7 @@ def register(subparsers) -> None:
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
     p.add_argument("--model", "-m", default="facebook/dinov2-small",
                    help="model directory, hub id or checkpoint file")
-    p.add_argument("--size", type=int, default=448, help="short side in pixels, a multiple of 14")
+    p.add_argument("--size", type=int, default=448, help="short side in pixels, a multiple of the patch size (14 DINOv2, 16 DINOv3)")
     p.add_argument("--attention", action="store_true", help="draw last-block CLS attention per head instead")
     p.add_argument("--threshold", type=_threshold, default=0.0,
                    help="foreground if the first component scores above this; 'none' keeps all")

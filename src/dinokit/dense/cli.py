@@ -32,7 +32,7 @@ class _PredictByDefault(argparse._SubParsersAction):
 
 def _common_train(parser, targets: str) -> None:
     parser.add_argument("--model", required=True,
-                        help="backbone: model directory, hub id, Meta/timm checkpoint file, or preset (vits14 = random)")
+                        help="backbone: model directory, hub id, Meta/timm checkpoint file, or preset (vits14, dinov3_vits16 = random)")
     parser.add_argument("--train", required=True, help=f"training folder: images/<stem>.jpg|png + {targets}/<stem>.png")
     parser.add_argument("--val", required=True, help=f"validation folder, same layout (images/ + {targets}/)")
     parser.add_argument("--output", required=True, help="folder for the trained model and metrics.json")
@@ -49,7 +49,7 @@ def _common_train(parser, targets: str) -> None:
 
 
 def register(subparsers) -> None:
-    segment = subparsers.add_parser("segment", help="semantic segmentation heads on frozen DINOv2 patch features")
+    segment = subparsers.add_parser("segment", help="semantic segmentation heads on frozen DINOv2 / DINOv3 ViT patch features")
     actions = segment.add_subparsers(dest="action", required=True)
     train = actions.add_parser("train", help="train a linear or ms head; writes the model and metrics.json (mIoU)")
     _common_train(train, "masks")
@@ -67,7 +67,7 @@ def register(subparsers) -> None:
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_segment_predict)
 
-    depth = subparsers.add_parser("depth", help="monocular depth heads on frozen DINOv2 features "
+    depth = subparsers.add_parser("depth", help="monocular depth heads on frozen DINOv2 / DINOv3 ViT features "
                                                "(`dinokit depth IMAGE... -o DIR` = `dinokit depth predict ...`)")
     actions = depth.add_subparsers(dest="action", required=True, action=_PredictByDefault)
     train = actions.add_parser("train", help="train Meta's linear depth head (256 bins) with Meta's SigLoss")

@@ -11,7 +11,7 @@ from dinokit.cli import RERUN_TO_RESUME
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="model directory, hub id, Meta/timm checkpoint file, or preset (e.g. vits14 = random)")
+                        help="model directory, hub id, Meta/timm checkpoint file, or preset (e.g. vits14, dinov3_vits16 = random)")
     parser.add_argument("--train", required=True, help="training set: ImageFolder directory or '<path> <class>' list")
     parser.add_argument("--val", required=True, help="validation set, same classes as --train")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")

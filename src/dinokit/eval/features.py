@@ -89,8 +89,13 @@ def backbone_module(model: nn.Module) -> nn.Module:
 
 
 def model_depth(model: nn.Module) -> int | None:
-    """Number of transformer blocks, when the model says."""
+    """Number of blocks whose class tokens the protocols can stack, when the model says: a ViT's transformer
+    blocks; a ConvNeXt's trailing stages of the output width (one: its stages widen)."""
     config = getattr(model, "config", None)
+    widths = getattr(config, "hidden_sizes", None)
+    if widths:
+        return next(i for i, width in enumerate(reversed(widths), 1)
+                    if i == len(widths) or widths[-i - 1] != width)
     for value in (getattr(model, "n_blocks", None), getattr(config, "num_hidden_layers", None)):
         if value is not None:
             return int(value)

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; antialiased models need >= 18 unless "
                                                          "--sizes bakes the grids in)")
     p.add_argument("--sizes", default=None,
-                   help="input sizes, e.g. 224,518,224x308 (HxW, multiples of 14): checked at export; with "
+                   help="input sizes, e.g. 224,518,224x308 (HxW, multiples of the patch size: 14 DINOv2, 16 DINOv3): checked at export; with "
                         "--positions precomputed the only sizes the file accepts (default check: 224, native, "
                         "224x308)")
     p.add_argument("--positions", choices=["auto", "dynamic", "precomputed"], default="auto",
