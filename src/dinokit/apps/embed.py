@@ -388,6 +388,10 @@ def embed(inputs, model, output_dir: str | Path, *, pooling: str = "cls", normal
         model = load(model)
         model = model.to(device).eval()
         _check_image_size(model, image_size)
+        if int8:
+            from dinokit.export.onnx import backbone_of
+
+            backbone_of(model)  # a model without ViT blocks is refused before anything is written
         shape = feature_shape(model, pooling, image_size)
         bytes_per_image = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
         if shard_size is None:

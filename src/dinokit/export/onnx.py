@@ -119,9 +119,9 @@ def interpolation_name(vit: nn.Module) -> str:
 def backbone_of(model: nn.Module) -> nn.Module:
     vit = model.vit_module if hasattr(model, "vit_module") else model
     if hasattr(vit, "convnext"):
-        raise ValueError(f"{type(model).__name__} is a DINOv3 ConvNeXt: export writes the ViTs' inference graph "
-                         f"(tokens and their final norm: DINOv2, DINOv3 ViT); export a ViT, or the ConvNeXt with "
-                         f"torch.onnx.export(model, ...) directly")
+        raise ValueError(f"{type(model).__name__} is a DINOv3 ConvNeXt (a CNN): dinokit's export graph and int8 "
+                         f"blocks are the ViTs' (DINOv2, DINOv3 ViT); use a ViT, or torch.onnx.export / torch.ao "
+                         f"quantisation on the ConvNeXt directly")
     if not hasattr(vit, "pos_embed") or not hasattr(vit, "blocks"):
         raise TypeError(f"cannot export {type(model).__name__}: pass a dinokit model (dinokit.load_model(...))")
     return vit
