@@ -273,6 +273,18 @@ def test_export_onnx_computes_rope_in_the_graph_and_matches_eager_at_two_sizes(m
     assert "RoPE" in capsys.readouterr().err
 
 
+def test_export_torchscript_traces_rope_for_every_size(model_dir, tmp_path):
+    import dinokit
+
+    out = tmp_path / "model.pt"
+    assert main(["export", "torchscript", "--model", str(model_dir), "--out", str(out), "--sizes", "32,48x80"]) == 0
+    traced = torch.jit.load(str(out))
+    model = dinokit.load_model(model_dir)
+    pixels = torch.randn(1, 3, 64, 112, generator=torch.Generator().manual_seed(1))  # not a checked size
+    with torch.no_grad():
+        assert (traced(pixels)[0] - model(pixels).last_hidden_state).abs().max() <= 1e-4
+
+
 # ---------------------------------------------------------------------------------------------------- distill
 def test_train_distills_a_student_from_a_dinov3_teacher(model_dir, tmp_path):
     from ssl_helpers import TINY, make_images

@@ -74,7 +74,9 @@ def export_torchscript(model, path: str | os.PathLike, *, sizes=None, positions:
     vit = backbone_of(model)
     sizes = check_sizes(sizes or [], vit.patch_size)
     traced = trace_model(model, sizes, positions)
-    used = "precomputed" if "PrecomputedPositions" in traced.positions.original_name else "dynamic"
+    positions_module = getattr(traced, "positions", None)  # none for RoPE: the tables are computed in the trace
+    used = ("precomputed" if positions_module is not None and "PrecomputedPositions" in positions_module.original_name
+            else "dynamic")
     report = TorchScriptReport(path, interpolation_name(vit), used, sizes)
     with staging_dir(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save/load are deprecated in favour of export
