@@ -52,7 +52,7 @@ def embedded(photos, model_dir, tmp_path_factory) -> Path:
 def test_embed_stores_cls_vectors_of_the_dinov3_model(embedded, photos, model_dir):
     import dinokit
     from dinokit.apps import store
-    from dinokit.apps.embed import embed_images
+    from dinokit.processing import eval_transform
 
     manifest = json.loads((embedded / "manifest.json").read_text())
     assert manifest["patch_size"] == 16 and manifest["model"]["class"] == "DINOv3ViTModel"
@@ -60,17 +60,27 @@ def test_embed_stores_cls_vectors_of_the_dinov3_model(embedded, photos, model_di
     assert vectors.shape == (13, 64)
     first = meta.column("path").to_pylist().index(str(photos / "photo_00.png"))
     model = dinokit.load_model(model_dir)
-    expected = embed_images([photos / "photo_00.png"], model, image_size=SIZE)[0]
+    transform = eval_transform(resize=round(SIZE * 256 / 224), crop=SIZE)  # ImageNet mean/std
+    with Image.open(photos / "photo_00.png") as image, torch.no_grad():
+        expected = model(transform(image.convert("RGB"))[None]).pooler_output[0].numpy()
     np.testing.assert_allclose(vectors[first], expected, atol=1e-5)
 
 
 def test_embed_patch_pooling_keeps_the_16_pixel_grid(photos, model_dir, tmp_path):
+    import dinokit
     from dinokit.apps import store
+    from dinokit.processing import eval_transform
 
     out = tmp_path / "patches"
     assert main(["embed", str(photos / "photo_01.png"), "--model", str(model_dir), "--output", str(out),
                  "--image-size", "48", "--pooling", "patch", "--num-workers", "0", "--quiet"]) == 0
-    assert store.load_embeddings(out).shape == (1, 9, 64)  # 48 / 16 = 3 x 3 patches, registers left out
+    patches = store.load_embeddings(out)
+    assert patches.shape == (1, 9, 64)  # 48 / 16 = 3 x 3 patches
+    model = dinokit.load_model(model_dir)
+    transform = eval_transform(resize=round(48 * 256 / 224), crop=48)
+    with Image.open(photos / "photo_01.png") as image, torch.no_grad():
+        hidden = model(transform(image.convert("RGB"))[None]).last_hidden_state[0]
+    np.testing.assert_allclose(patches[0], hidden[1 + 4:].numpy(), atol=1e-5)  # CLS and 4 registers left out
 
 
 def test_index_search_and_dedup_on_dinov3_embeddings(embedded, photos, tmp_path, capsys):
