@@ -364,6 +364,7 @@ def test_a_model_with_its_own_normalisation_is_fed_with_it(photos, tmp_path):
     from dinokit.apps import store
     from dinokit.dense.features import dense_processor
     from dinokit.eval.features import default_transform
+    from dinokit.eval.linear import LinearProbeConfig, train_transform
     from dinokit.models.dinov3_vit import SAT_MEAN, SAT_STD
     from dinokit.processing import eval_transform
 
@@ -380,6 +381,8 @@ def test_a_model_with_its_own_normalisation_is_fed_with_it(photos, tmp_path):
     np.testing.assert_allclose(store.load_embeddings(out)[0], expected, atol=1e-5)
     assert list(dense_processor(32, model).image_mean) == list(SAT_MEAN)
     assert "mean [0.43" in repr(default_transform(model))  # and so in the feature-cache key
+    normalize = train_transform(LinearProbeConfig(crop_size=32), model).transforms[-1]  # linear probe, finetune
+    assert tuple(normalize.mean) == SAT_MEAN and tuple(normalize.std) == SAT_STD
 
 
 # ---------------------------------------------------------------------------------------------------- ConvNeXt

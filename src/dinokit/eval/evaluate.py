@@ -136,7 +136,7 @@ def evaluate(
         elif mode == "reference":
             from dinokit.eval.data import ImageDataset
 
-            dataset = ImageDataset(train_images.paths, train_images.labels, train_transform(config))
+            dataset = ImageDataset(train_images.paths, train_images.labels, train_transform(config, model))
             results = linear_probe_augmented(model, dataset, val_features.cls_blocks, val_features.patch_mean,
                                              val_features.labels, config, num_classes=num_classes,
                                              num_workers=num_workers, device=device, progress=progress)

@@ -233,7 +233,7 @@ def _unfrozen_setup(backbone, classifier, train_images, val_images, config, *, t
     from dinokit.eval.linear import LinearProbeConfig, train_transform
     from dinokit.param_groups import fuse_params_groups, get_params_groups_with_decay
 
-    augment = train_transform(LinearProbeConfig(crop_size=crop_size))
+    augment = train_transform(LinearProbeConfig(crop_size=crop_size), backbone)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = torch.utils.data.DataLoader(
         ImageDataset(train_images.paths, train_images.labels, augment), batch_size=config.batch_size, shuffle=True,

@@ -259,14 +259,17 @@ def linear_probe_features(
             "config": config.to_dict(), "batch_size": batch_size, "seconds": time.perf_counter() - start}
 
 
-def train_transform(config: LinearProbeConfig):
-    """The reference training transform: RandomResizedCrop(bicubic) + horizontal flip + ImageNet normalisation."""
+def train_transform(config: LinearProbeConfig, model=None):
+    """The reference training transform: RandomResizedCrop(bicubic) + horizontal flip + normalisation as `model`'s
+    inputs are (ImageNet's but for models that carry their own, see `processing.model_normalization`)."""
     from torchvision import transforms
+
+    from dinokit.processing import model_normalization
 
     steps = [transforms.RandomResizedCrop(config.crop_size, interpolation=transforms.InterpolationMode.BICUBIC)]
     if config.hflip_prob > 0:
         steps.append(transforms.RandomHorizontalFlip(config.hflip_prob))
-    steps += [transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    steps += [transforms.ToTensor(), transforms.Normalize(*model_normalization(model))]
     return transforms.Compose(steps)
 
 
