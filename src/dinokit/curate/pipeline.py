@@ -206,7 +206,9 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
         manifest = {
             "complete": True, "dinokit_version": __version__, "pool": pool.source,
             "pool_manifest_model": (pool.manifest.get("model") or {}).get("spec"),
-            "num_pool": len(pool), "dim": pool.dim, "stages": list(stages), "options": asdict(options),
+            "num_pool": len(pool), "dim": pool.dim,
+            "pool_names_sha256": hashlib.sha256("\n".join(pool.names()).encode()).hexdigest(),  # `serve --curate`
+            "stages": list(stages), "options": asdict(options),
             "seeds": {s.name: {"source": s.source, "images": len(s)} for s in seed_sets},
             "excludes": {s.name: {"source": s.source, "images": len(s)} for s in exclude_sets},
             "keep_rule": dedup_stage.KEEP_RULE, "counts": run.counts,
