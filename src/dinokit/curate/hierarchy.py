@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dinokit.curate.engine import LOCAL
 from dinokit.curate.inputs import materialise, take
 from dinokit.curate.kmeans import DEFAULT_ITERS, assign, kmeans
 from dinokit.curate.progress import Silent
@@ -77,7 +78,7 @@ def cluster_level(x: np.ndarray, k: int, *, n_iters: int = DEFAULT_ITERS,
                   resample_steps: int = DEFAULT_RESAMPLE_STEPS, sample_size: int | None = None,
                   sample_strategy: str = "closest", n_splits: int = 1, rng: np.random.Generator | None = None,
                   precision: str = "float32", device: str = "cpu", log=None, progress=Silent,
-                  memory_budget: int = MEMORY_BUDGET) -> Level:
+                  memory_budget: int = MEMORY_BUDGET, engine=LOCAL) -> Level:
     """One level: k-means, then resampling steps (or the first-level split into n_splits sub-clusters each).
 
     `x` may be an `inputs.Vectors`: read into memory when it fits `memory_budget` bytes (each Lloyd step passes
@@ -87,7 +88,8 @@ def cluster_level(x: np.ndarray, k: int, *, n_iters: int = DEFAULT_ITERS,
     if n_splits > 1 and resample_steps > 0:
         raise ValueError("a level is either split (n_splits > 1) or resampled, not both (as in the reference)")
     x = materialise(x, memory_budget)
-    result = kmeans(x, k, n_iters=n_iters, rng=rng, precision=precision, device=device, progress=progress)
+    result = kmeans(x, k, n_iters=n_iters, rng=rng, precision=precision, device=device, progress=progress,
+                    engine=engine)
     centroids, labels, sqdist = result.centroids, result.labels, result.sqdist
     sample_size = auto_sample_size(len(x), k) if sample_size is None else sample_size
     for step in range(resample_steps if sample_size > 1 else 0):
@@ -98,8 +100,8 @@ def cluster_level(x: np.ndarray, k: int, *, n_iters: int = DEFAULT_ITERS,
         if log:
             log(f"resampling step {step + 1}/{resample_steps}: {len(picked):,} points")
         centroids = kmeans(sample, min(k, len(sample)), n_iters=n_iters, rng=rng, precision=precision,
-                           device=device, progress=progress).centroids
-        labels, sqdist = assign(x, centroids, precision=precision, device=device)
+                           device=device, progress=progress, engine=engine).centroids
+        labels, sqdist = assign(x, centroids, precision=precision, device=device, engine=engine)
     if n_splits > 1:
         labels, centroids, sqdist = _split(x, labels, n_splits, n_iters, rng, precision, device, progress)
     return _compact(labels, centroids, sqdist)

@@ -50,6 +50,16 @@ class Vectors:
     def __len__(self) -> int:
         return int(len(self.rows) if self.rows is not None else self.offsets[-1])
 
+    def __getstate__(self) -> dict:
+        """Memory-mapped parts travel as (file, offset, dtype, shape), not as their data (Ray workers reopen them)."""
+        state = dict(self.__dict__)
+        state["parts"] = [_MappedFile(p) if isinstance(p, np.memmap) else p for p in self.parts]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["parts"] = [p.open() if isinstance(p, _MappedFile) else p for p in state["parts"]]
+        self.__dict__.update(state)
+
     @property
     def shape(self) -> tuple[int, int]:
         return (len(self), self.dim)
@@ -114,6 +124,17 @@ class Vectors:
             sel = part_of == p
             out[order[sel]] = np.asarray(self.parts[p][ordered[sel] - self.offsets[p]], dtype=np.float32)
         return self._unit(out)
+
+
+class _MappedFile:
+    def __init__(self, array: np.memmap):
+        self.filename, self.offset = str(array.filename), int(array.offset)
+        self.dtype, self.shape = array.dtype, array.shape
+        self.order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+
+    def open(self) -> np.memmap:
+        return np.memmap(self.filename, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape,
+                         order=self.order)
 
 
 def concatenate(sets: list) -> Vectors:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dinokit.curate import inputs
+from dinokit.curate.engine import LOCAL
 from dinokit.curate.progress import Silent
 from dinokit.extras import optional_import
 
@@ -89,10 +90,20 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator, n_local_tri
     return (centers, indices) if return_indices else centers
 
 
+def _nearest(centroids: np.ndarray, block) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, squared distances) of a block's rows to their nearest centroid: faiss IndexFlatL2, float32."""
+    faiss = optional_import("faiss", purpose="k-means assignments")
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    d, i = index.search(np.ascontiguousarray(block, dtype=np.float32), 1)
+    return i[:, 0], np.maximum(d[:, 0], 0)
+
+
 def assign(x: np.ndarray, centroids: np.ndarray, *, precision: str = "float32", device: str = "cpu",
-           chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+           chunk: int | None = None, engine=LOCAL) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of each row and the squared distance to it, `chunk` rows at a time (default: as many
-    as keep one chunk's vectors and distances within `inputs.CHUNK_BYTES`, as the reference's 1e8 / k rows)."""
+    as keep one chunk's vectors and distances within `inputs.CHUNK_BYTES`, as the reference's 1e8 / k rows).
+    The float32 (faiss) path runs its batches on `engine`: this process, or Ray tasks with equal results."""
     chunk = chunk or inputs.rows_per_chunk(max(x.shape[1], len(centroids)), 8)
     if device.startswith("cuda"):
         return _assign_torch(x, centroids, device, chunk)
@@ -107,15 +118,12 @@ def assign(x: np.ndarray, centroids: np.ndarray, *, precision: str = "float32", 
             labels[s:s + len(block)] = np.argmin(d, axis=1)
             dist[s:s + len(block)] = np.maximum(d[np.arange(len(block)), labels[s:s + len(block)]], 0)
         return labels, dist
-    faiss = optional_import("faiss", purpose="k-means assignments")
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     labels = np.empty(len(x), dtype=np.int64)
     dist = np.empty(len(x), dtype=np.float32)
     chunk = inputs.rows_per_chunk(x.shape[1])  # faiss blocks its distance matrix itself
-    for s in range(0, len(x), chunk):
-        d, i = index.search(np.ascontiguousarray(x[s:s + chunk], dtype=np.float32), 1)
-        labels[s:s + len(i)], dist[s:s + len(i)] = i[:, 0], np.maximum(d[:, 0], 0)
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    for s, (i, d) in engine.map(_nearest, x, chunk, centroids):
+        labels[s:s + len(i)], dist[s:s + len(i)] = i, d
     return labels, dist
 
 
@@ -154,7 +162,7 @@ def update_centroids(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, ch
 
 def kmeans(x: np.ndarray, k: int, *, n_iters: int = DEFAULT_ITERS, rng: np.random.Generator | None = None,
            init: np.ndarray | str = "kmeans++", precision: str = "float32", device: str = "cpu",
-           progress=Silent) -> KMeansResult:
+           progress=Silent, engine=LOCAL) -> KMeansResult:
     """`n_iters` Lloyd steps from k-means++ (or "random" rows, or given centroids)."""
     rng = rng if rng is not None else np.random.default_rng(0)
     if isinstance(init, str):
@@ -167,12 +175,12 @@ def kmeans(x: np.ndarray, k: int, *, n_iters: int = DEFAULT_ITERS, rng: np.rando
     else:
         centroids = np.array(init, dtype=np.float32)
     history = []
-    labels, dist = assign(x, centroids, precision=precision, device=device)
+    labels, dist = assign(x, centroids, precision=precision, device=device, engine=engine)
     with progress(total=n_iters, desc=f"Lloyd ({len(x):,} -> {k:,})", unit="iter") as bar:
         for _ in range(n_iters):
             history.append(float(dist.sum(dtype=np.float64)))
             centroids = update_centroids(x, labels, centroids)
-            labels, dist = assign(x, centroids, precision=precision, device=device)
+            labels, dist = assign(x, centroids, precision=precision, device=device, engine=engine)
             bar.update()
     history.append(float(dist.sum(dtype=np.float64)))
     return KMeansResult(centroids, labels, dist, history)

@@ -9,10 +9,12 @@ numpy so 10^8 edges need no Python loop: hook each edge's larger root under the 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
+from dinokit.curate.engine import LOCAL
 from dinokit.curate.progress import Silent
 from dinokit.extras import optional_import
 
@@ -42,20 +44,24 @@ def build_index(vectors: np.ndarray, exact_max: int = EXACT_MAX, nprobe: int = 3
     return index
 
 
-def search_batches(index, queries, k: int, batch: int = 16_384, progress=Silent, desc: str = "k-NN search"):
-    """(start, similarities, ids) per batch of queries, each (batch, k); ids -1 where fewer than k were found."""
-    with progress(total=len(queries), desc=desc, unit="query") as bar:
-        for s in range(0, len(queries), batch):
-            sims, ids = index.search(np.ascontiguousarray(queries[s:s + batch], dtype=np.float32), k)
-            yield s, sims, ids
-            bar.update(len(ids))
+def _search_block(index, block, k: int):
+    return index.search(np.ascontiguousarray(block, dtype=np.float32), k)
 
 
-def search(index, queries, k: int, batch: int = 16_384, progress=Silent) -> tuple[np.ndarray, np.ndarray]:
+def search_batches(index, queries, k: int, batch: int = 16_384, progress=Silent, desc: str = "k-NN search",
+                   engine=LOCAL):
+    """(start, similarities, ids) per batch of queries, each (batch, k); ids -1 where fewer than k were found.
+    The batches run on `engine` (this process, or Ray tasks: the same batches, the same results)."""
+    search_k = functools.partial(_search_block, k=k)
+    for s, (sims, ids) in engine.map(search_k, queries, batch, index, progress=progress, desc=desc, unit="query"):
+        yield s, sims, ids
+
+
+def search(index, queries, k: int, batch: int = 16_384, progress=Silent, engine=LOCAL) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, ids), each (n, k); ids -1 where fewer than k were found."""
     sims = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
-    for s, batch_sims, batch_ids in search_batches(index, queries, k, batch, progress):
+    for s, batch_sims, batch_ids in search_batches(index, queries, k, batch, progress, engine=engine):
         sims[s:s + len(batch_ids)], ids[s:s + len(batch_ids)] = batch_sims, batch_ids
     return sims, ids
 
@@ -68,17 +74,18 @@ def _drop_self(start: int, sims: np.ndarray, ids: np.ndarray) -> tuple[np.ndarra
     return sims[~own].reshape(len(ids), -1), ids[~own].reshape(len(ids), -1)
 
 
-def knn_graph(vectors, k: int = DEFAULT_K, exact_max: int = EXACT_MAX, progress=Silent):
+def knn_graph(vectors, k: int = DEFAULT_K, exact_max: int = EXACT_MAX, progress=Silent, engine=LOCAL):
     """Each row's k nearest other rows: (similarities, ids), self-matches removed (ids -1 there)."""
     index = build_index(vectors, exact_max)
     n, k1 = len(vectors), min(k + 1, len(vectors))
     sims, ids = np.empty((n, k1 - 1), dtype=np.float32), np.empty((n, k1 - 1), dtype=np.int64)
-    for s, batch_sims, batch_ids in search_batches(index, vectors, k1, progress=progress):
+    for s, batch_sims, batch_ids in search_batches(index, vectors, k1, progress=progress, engine=engine):
         sims[s:s + len(batch_ids)], ids[s:s + len(batch_ids)] = _drop_self(s, batch_sims, batch_ids)
     return sims, ids
 
 
-def threshold_graph(vectors, threshold: float, k: int = DEFAULT_K, exact_max: int = EXACT_MAX, progress=Silent):
+def threshold_graph(vectors, threshold: float, k: int = DEFAULT_K, exact_max: int = EXACT_MAX, progress=Silent,
+                    engine=LOCAL):
     """The k-NN graph's edges with similarity >= threshold and each row's nearest-neighbour similarity:
     (sources, targets, nearest). Only the edges kept are stored, so memory grows with the duplicates found,
     not with n * k."""
@@ -86,7 +93,7 @@ def threshold_graph(vectors, threshold: float, k: int = DEFAULT_K, exact_max: in
     n, k1 = len(vectors), min(k + 1, len(vectors))
     nearest = np.full(n, -1.0, dtype=np.float32)
     sources, targets = [], []
-    for s, batch_sims, batch_ids in search_batches(index, vectors, k1, progress=progress):
+    for s, batch_sims, batch_ids in search_batches(index, vectors, k1, progress=progress, engine=engine):
         sims, ids = _drop_self(s, batch_sims, batch_ids)
         if sims.shape[1]:
             nearest[s:s + len(ids)] = sims[:, 0]

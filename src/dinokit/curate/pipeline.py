@@ -15,6 +15,7 @@ matches what is recorded, and redoes the rest; a kill leaves at worst one stage 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -27,6 +28,7 @@ import numpy as np
 
 from dinokit import __version__, atomic, locking
 from dinokit.curate import dedup as dedup_stage
+from dinokit.curate import engine as engines
 from dinokit.curate import hierarchy, inputs, knn, retrieval, sampling
 from dinokit.curate.hierarchy import Level
 from dinokit.curate.progress import bars
@@ -60,6 +62,8 @@ class CurateOptions:
     cap: int = 1_000_000
     random_seed: int = 0
     memory_mb: int = hierarchy.MEMORY_BUDGET >> 20  # larger k-means inputs are streamed from the shards
+    engine: str = "local"  # where k-NN search and k-means assignment batches run: "local" or "ray"
+    ray_address: str | None = None  # None: a local Ray (or the one already initialised)
 
 
 @dataclass
@@ -161,6 +165,8 @@ def check_options(o: CurateOptions, seeds, excludes) -> None:
                                                                                   "--min-seed-hits")):
         if min(values) < 0:
             raise ValueError(f"{what} cannot be negative, got {values if len(values) > 1 else values[0]}")
+    if o.engine not in engines.ENGINES:
+        raise ValueError(f"--engine is one of {', '.join(engines.ENGINES)}, got {o.engine!r}")
     for named, option in ((seeds, "--seed"), (excludes, "--exclude")):
         names = [name for name, _ in named]
         if len(set(names)) != len(names):
@@ -183,10 +189,10 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
     inputs.check_compatible(pool, seed_sets + exclude_sets, log)
     log(f"pool {pool.source}: {len(pool):,} x {pool.dim}; stages: {', '.join(stages)}")
 
-    with locking.acquire(out, "dinokit curate"):
+    with locking.acquire(out, "dinokit curate"), _engine(options, log) as engine:
         atomic.remove_stale_temporaries(out, recursive=True)
         (out / "manifest.json").unlink(missing_ok=True)  # a finished-looking folder only once everything is
-        run = _Run(out, pool, options, log, progress)
+        run = _Run(out, pool, options, log, progress, engine)
         keep = run.dedup(stages)
         keep = run.decontaminate(stages, keep, exclude_sets)
         survivors = np.flatnonzero(keep)
@@ -219,9 +225,23 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
     return CurateReport(str(out), run.counts, run.ran, run.reused, run.counts.get("selected_images", 0))
 
 
+@contextlib.contextmanager
+def _engine(options: CurateOptions, log):
+    engine = engines.make_engine(options.engine, options.ray_address)
+    if options.engine != "local":
+        log(f"engine: {options.engine} ({options.ray_address or 'local Ray'}) for k-NN search and assignments")
+    try:
+        yield engine
+    finally:
+        if options.engine != "local":
+            log(f"engine: {engine.tasks_run:,} Ray tasks run")
+        engine.close()
+
+
 class _Run:
-    def __init__(self, out: Path, pool: inputs.EmbeddingSet, options: CurateOptions, log, progress):
+    def __init__(self, out: Path, pool: inputs.EmbeddingSet, options: CurateOptions, log, progress, engine):
         self.out, self.pool, self.options, self.log, self.progress = out, pool, options, log, progress
+        self.engine = engine  # not in any fingerprint: both engines give equal results
         self.stages = Stages(out)
         self.fingerprint = _hash("pool", _fingerprint_vectors(pool.vectors), options.random_seed)
         self.counts = {"pool": len(pool)}
@@ -246,7 +266,7 @@ class _Run:
             self.log(f"dedup: {o.k}-NN graph of {len(self.pool):,} images, threshold {o.dedup_threshold}")
             result = dedup_stage.self_dedup(self.pool.vectors, o.dedup_threshold, k=o.k, names=self.pool.paths,
                                             pixels=self.pool.pixels, exact_max=o.exact_max,
-                                            progress=self.progress)
+                                            progress=self.progress, engine=self.engine)
             _write_groups(folder / "groups.csv", self.pool, result)
             counts, edges = knn.nn_histogram(result.nearest)
             histogram = {"bin_edges": edges.round(4).tolist(), "counts": counts.tolist(),
@@ -279,7 +299,8 @@ class _Run:
             self.log(f"decontam: {len(rows):,} pool images against {len(reference):,} evaluation images, "
                       f"threshold {o.exclude_threshold}")
             result = dedup_stage.decontaminate(self.pool.vectors.subset(rows), reference, o.exclude_threshold,
-                                               k=o.k, exact_max=o.exact_max, progress=self.progress)
+                                               k=o.k, exact_max=o.exact_max, progress=self.progress,
+                                               engine=self.engine)
             names = self.pool.names()
             removed = [[int(rows[i]), names[rows[i]], references[owners[result.nearest_reference[i]]].name,
                         ref_names[result.nearest_reference[i]], round(float(result.similarity[i]), 6)]
@@ -331,7 +352,7 @@ class _Run:
                         level_input, k, n_iters=o.n_iters, resample_steps=steps[i], sample_size=size,
                         n_splits=o.n_splits if number == 1 else 1, precision=o.precision, device=o.device,
                         rng=np.random.default_rng([o.random_seed, number]), log=self.log, progress=self.progress,
-                        memory_budget=o.memory_mb << 20)
+                        memory_budget=o.memory_mb << 20, engine=self.engine)
                     save_npy(folder / f"level{number}.npy", level.labels.astype(np.int32))
                     save_npy(folder / f"centroids_level{number}.npy", level.centroids)
                     save_npy(folder / f"sqdist_level{number}.npy", level.sqdist)
@@ -394,7 +415,7 @@ class _Run:
                 self.log(f"retrieve {seed.name}: {mode}-based from {len(seed):,} seed images")
                 if mode == "sample":
                     got = retrieval.sample_based(pool_vectors, seed.vectors, o.per_seed, seed.name, o.exact_max,
-                                                 progress=self.progress)
+                                                 progress=self.progress, engine=self.engine)
                 else:
                     got = retrieval.cluster_based(levels[0].labels, levels[0].centroids, seed.vectors,
                                                   min_seed_hits=o.min_seed_hits, per_cluster=o.per_cluster,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dinokit.curate import knn
+from dinokit.curate.engine import LOCAL
 from dinokit.curate.kmeans import assign
 from dinokit.curate.progress import Silent
 
@@ -39,10 +40,10 @@ class Retrieved:
 
 
 def sample_based(pool, seeds, per_seed: int, name: str = "seed", exact_max: int = knn.EXACT_MAX,
-                 progress=Silent) -> Retrieved:
+                 progress=Silent, engine=LOCAL) -> Retrieved:
     """`pool` and `seeds`: unit rows, arrays or `inputs.Vectors` (read batch by batch)."""
     per_seed = min(per_seed, len(pool))
-    _, ids = knn.search(knn.build_index(pool, exact_max), seeds, per_seed, progress=progress)
+    _, ids = knn.search(knn.build_index(pool, exact_max), seeds, per_seed, progress=progress, engine=engine)
     ids = ids[ids >= 0]
     rows, times = np.unique(ids, return_counts=True)
     return Retrieved(name, "sample", rows, times, per_seed * len(seeds))
