@@ -230,6 +230,37 @@ def test_bad_inputs_get_one_clear_error_and_no_output(tmp_path, capsys, problem,
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_skip_invalid_leaves_bad_rows_out_lists_them_and_curates_the_rest_as_without_them(tmp_path, capsys):
+    x, _ = mixture(8)
+    bad_rows = [4, 150, len(x) - 1]
+    bad = x.copy()
+    bad[4, 0], bad[150, 2], bad[len(x) - 1] = np.nan, np.inf, 0
+    paths = [f"img{i:04d}.jpg" for i in range(len(x))]
+    good = [i for i in range(len(x)) if i not in bad_rows]
+    with_bad = write_folder(tmp_path / "with_bad", bad, paths, shards=3)
+    without = write_folder(tmp_path / "without", x[good], [paths[i] for i in good], shards=3)
+    seed = x[:20].copy()
+    seed[3] = np.nan
+    np.save(tmp_path / "seed.npy", seed)
+    common = dict(target=150, levels=[20, 4], **FAST)
+    curate(without, tmp_path / "clean", options=CurateOptions(**common), quiet=True)
+    assert main(["curate", str(with_bad), "-o", str(tmp_path / "refused"), "--quiet"]) == 2
+    assert "--skip-invalid" in capsys.readouterr().err
+    report = curate(with_bad, tmp_path / "out", seeds=[("s", str(tmp_path / "seed.npy"))],
+                    options=CurateOptions(**common, skip_invalid=True, retrieval="sample"))
+    err = capsys.readouterr().err
+    assert "3 NaN, infinite or zero vector(s) of pool left out" in err and "1 NaN" in err
+    lines = (tmp_path / "out" / "invalid.csv").read_text().splitlines()
+    assert lines == ["row,path,reason", "4,img0004.jpg,NaN or infinite values",
+                     "150,img0150.jpg,NaN or infinite values", f"{len(x) - 1},img{len(x) - 1:04d}.jpg,a zero vector"]
+    assert report.counts["invalid_skipped"] == 3
+    assert not np.load(tmp_path / "out" / "dedup" / "keep.npy")[bad_rows].any()
+    assert not set(bad_rows) & set(np.load(tmp_path / "out" / "clusters" / "rows.npy").tolist())
+    balanced = set(np.load(tmp_path / "out" / "sampling" / "rows.npy").tolist())
+    clean = np.load(tmp_path / "clean" / "sampling" / "rows.npy")
+    assert balanced == {good[i] for i in clean}  # the same selection as a pool without those rows
+
+
 def test_a_seed_set_recording_the_same_model_by_path_only_is_accepted_and_an_unrecorded_one_noted(tmp_path, capsys):
     x, _ = mixture(6)
     pool = write_folder(tmp_path / "pool", x, [f"{i}" for i in range(len(x))])  # weights "abc", spec "test"

@@ -98,7 +98,8 @@ class Vectors:
     def _unit(self, block) -> np.ndarray:
         block = np.asarray(block, dtype=np.float32)
         if self.normalise:
-            block = block / np.linalg.norm(block, axis=1)[:, None]
+            with np.errstate(invalid="ignore", divide="ignore"):  # rows left out by --skip-invalid read as NaN
+                block = block / np.linalg.norm(block, axis=1)[:, None]
         return block
 
     def _range(self, start: int, stop: int) -> np.ndarray:
@@ -163,6 +164,14 @@ class EmbeddingSet:
     keys: list[str] | None = None
     pixels: np.ndarray | None = None  # width * height per row when the metadata has them
     manifest: dict = field(default_factory=dict)
+    invalid: list[tuple[int, str]] = field(default_factory=list)  # (row, why) left out with skip_invalid
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(N,) bool: False for the rows `invalid` lists."""
+        mask = np.ones(len(self), dtype=bool)
+        mask[[r for r, _ in self.invalid]] = False
+        return mask
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -186,9 +195,10 @@ def _check_shape(array: np.ndarray, what: str) -> None:
 
 
 def _scan(arrays: list[np.ndarray], files: list[str], name: str, names: list[str] | None,
-          progress=Silent) -> None:
+          progress=Silent, skip_invalid: bool = False) -> list[tuple[int, str]]:
     """One streaming pass over every row: refuses non-finite and zero rows (counting all of them and naming the
-    first few) and a folder whose shards are some unit-length and some not."""
+    first few), or returns them with skip_invalid; refuses a folder whose shards are some unit-length and some
+    not."""
     bad: list[tuple[int, str]] = []  # (global row, what is wrong)
     unit_shards, raw_shards = [], []
     offset = 0
@@ -207,16 +217,18 @@ def _scan(arrays: list[np.ndarray], files: list[str], name: str, names: list[str
         (unit_shards if unit else raw_shards).append(Path(file).name)
         offset += len(array)
     bar.close()
-    if bad:
-        bad.sort()
+    bad.sort()
+    if bad and not skip_invalid:
         shown = "; ".join(f"row {r}" + (f" ({names[r]})" if names is not None else "") + f": {why}"
                           for r, why in bad[:3])
         raise ValueError(f"{_role(name)} has {len(bad):,} unusable vector(s) (NaN, infinite or zero) -- {shown}"
-                         f"{'; ...' if len(bad) > 3 else ''}. Re-embed those images or drop them from the set.")
+                         f"{'; ...' if len(bad) > 3 else ''}. Re-embed those images, drop them from the set, or "
+                         f"pass --skip-invalid to leave them out (listed in OUT/invalid.csv).")
     if unit_shards and raw_shards and len(arrays) > 1:
         raise ValueError(f"{_role(name)}: some shards hold unit vectors ({', '.join(unit_shards[:3])}) and some "
                          f"do not ({', '.join(raw_shards[:3])}) -- runs with and without --normalize were mixed. "
                          f"Re-embed into a new folder.")
+    return bad
 
 
 def _check_not_empty(n: int, name: str, source) -> None:
@@ -226,15 +238,17 @@ def _check_not_empty(n: int, name: str, source) -> None:
                          f"embed the images first.")
 
 
-def load_set(path: str | Path, name: str = "pool", progress=Silent) -> EmbeddingSet:
-    """An embedding set, checked in one streaming pass; its vectors stay on disk (memory-mapped)."""
+def load_set(path: str | Path, name: str = "pool", progress=Silent, skip_invalid: bool = False) -> EmbeddingSet:
+    """An embedding set, checked in one streaming pass; its vectors stay on disk (memory-mapped). With
+    skip_invalid, NaN/infinite/zero rows are listed in `invalid` instead of refused (`without_invalid` drops
+    them; the pool keeps its row numbers and the pipeline leaves them out)."""
     path = Path(path)
     if path.suffix == ".npy" and path.is_file():
         array = np.load(path, mmap_mode="r")
         _check_shape(array, str(path))
         _check_not_empty(len(array), name, path)
-        _scan([array], [str(path)], name, None, progress=progress)
-        return EmbeddingSet(name, str(path), Vectors([array]))
+        bad = _scan([array], [str(path)], name, None, progress=progress, skip_invalid=skip_invalid)
+        return EmbeddingSet(name, str(path), Vectors([array]), invalid=bad)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give an embedding folder (`dinokit embed`, "
                                 f"clip-retrieval) or an (N, D) .npy file.")
@@ -271,8 +285,22 @@ def load_set(path: str | Path, name: str = "pool", progress=Silent) -> Embedding
     if "width" in columns and "height" in columns:
         pixels = (np.asarray(metadata.column("width").to_numpy(zero_copy_only=False), dtype=np.int64)
                   * np.asarray(metadata.column("height").to_numpy(zero_copy_only=False), dtype=np.int64))
-    _scan(arrays, files, name, paths, progress=progress)
-    return EmbeddingSet(name, str(path), Vectors(arrays), paths, keys, pixels, manifest)
+    bad = _scan(arrays, files, name, paths, progress=progress, skip_invalid=skip_invalid)
+    return EmbeddingSet(name, str(path), Vectors(arrays), paths, keys, pixels, manifest, bad)
+
+
+def without_invalid(s: EmbeddingSet) -> EmbeddingSet:
+    """A seed or evaluation set without its invalid rows (their row numbers do not matter to the output)."""
+    if not s.invalid:
+        return s
+    rows = np.flatnonzero(s.valid)
+    _check_not_empty(len(rows), s.name, s.source)
+
+    def pick(values):
+        return None if values is None else [values[r] for r in rows]
+    names = pick(s.names())
+    return EmbeddingSet(s.name, s.source, s.vectors.subset(rows), names, pick(s.keys),
+                        None if s.pixels is None else s.pixels[rows], s.manifest)
 
 
 def _recorded(manifest: dict) -> dict:

@@ -64,6 +64,7 @@ class CurateOptions:
     memory_mb: int = hierarchy.MEMORY_BUDGET >> 20  # larger k-means inputs are streamed from the shards
     engine: str = "local"  # where k-NN search and k-means assignment batches run: "local" or "ray"
     ray_address: str | None = None  # None: a local Ray (or the one already initialised)
+    skip_invalid: bool = False  # leave NaN/infinite/zero rows out (OUT/invalid.csv) instead of refusing the set
 
 
 @dataclass
@@ -183,9 +184,19 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
     check_options(options, seeds, excludes)
     stages = plan_stages(options, bool(seeds), bool(excludes))
 
-    pool = inputs.load_set(pool_path, "pool", progress)
-    seed_sets = [inputs.load_set(path, name, progress) for name, path in seeds]
-    exclude_sets = [inputs.load_set(path, name, progress) for name, path in excludes]
+    skip = options.skip_invalid
+    pool = inputs.load_set(pool_path, "pool", progress, skip)
+    if pool.invalid and len(pool.invalid) == len(pool):
+        raise ValueError(f"every vector of the pool ({pool.source}) is NaN, infinite or zero: nothing to curate; "
+                         f"re-embed the images.")
+    seed_sets = [inputs.load_set(path, name, progress, skip) for name, path in seeds]
+    exclude_sets = [inputs.load_set(path, name, progress, skip) for name, path in excludes]
+    for s in [pool, *seed_sets, *exclude_sets]:
+        if s.invalid:
+            log(f"--skip-invalid: {len(s.invalid):,} NaN, infinite or zero vector(s) of {s.name} left out"
+                + (" (listed in OUT/invalid.csv)" if s is pool else ""))
+    seed_sets = [inputs.without_invalid(s) for s in seed_sets]
+    exclude_sets = [inputs.without_invalid(s) for s in exclude_sets]
     inputs.check_compatible(pool, seed_sets + exclude_sets, log)
     log(f"pool {pool.source}: {len(pool):,} x {pool.dim}; stages: {', '.join(stages)}")
 
@@ -193,6 +204,7 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
         atomic.remove_stale_temporaries(out, recursive=True)
         (out / "manifest.json").unlink(missing_ok=True)  # a finished-looking folder only once everything is
         run = _Run(out, pool, options, log, progress, engine)
+        run.write_invalid()
         keep = run.dedup(stages)
         keep = run.decontaminate(stages, keep, exclude_sets)
         survivors = np.flatnonzero(keep)
@@ -243,8 +255,12 @@ class _Run:
         self.out, self.pool, self.options, self.log, self.progress = out, pool, options, log, progress
         self.engine = engine  # not in any fingerprint: both engines give equal results
         self.stages = Stages(out)
-        self.fingerprint = _hash("pool", _fingerprint_vectors(pool.vectors), options.random_seed)
+        self.valid = pool.valid
+        self.fingerprint = _hash("pool", _fingerprint_vectors(pool.vectors), options.random_seed,
+                                 [r for r, _ in pool.invalid])
         self.counts = {"pool": len(pool)}
+        if pool.invalid:
+            self.counts["invalid_skipped"] = len(pool.invalid)
         self.ran, self.reused = [], []
 
     def _step(self, name: str, params) -> tuple[str, dict | None]:
@@ -255,23 +271,55 @@ class _Run:
             self.log(f"{name}: done earlier, reusing its results")
         return self.fingerprint, record
 
+    def write_invalid(self) -> None:
+        """OUT/invalid.csv: the pool rows --skip-invalid left out, with why (absent when there are none)."""
+        path = self.out / "invalid.csv"
+        if not self.pool.invalid:
+            path.unlink(missing_ok=True)
+            return
+        names = self.pool.names()
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["row", "path", "reason"])
+                writer.writerows([r, names[r], why] for r, why in self.pool.invalid)
+        atomic.atomic_write(path, write)
+
     # ------------------------------------------------------------------------------ dedup
+    def _self_dedup(self) -> dedup_stage.DedupResult:
+        """Self-dedup over the valid rows, as full-length arrays (a left-out row: its own component, not kept)."""
+        o = self.options
+        rows = np.flatnonzero(self.valid)
+        every = len(rows) == len(self.pool)
+        vectors, names, pixels = self.pool.vectors, self.pool.paths, self.pool.pixels
+        if not every:
+            vectors = vectors.subset(rows)
+            names = None if names is None else [names[r] for r in rows]
+            pixels = None if pixels is None else pixels[rows]
+        result = dedup_stage.self_dedup(vectors, o.dedup_threshold, k=o.k, names=names, pixels=pixels,
+                                        exact_max=o.exact_max, progress=self.progress, engine=self.engine)
+        if every:
+            return result
+        n = len(self.pool)
+        keep, component, nearest = np.zeros(n, bool), np.arange(n, dtype=np.int64), np.full(n, -1, np.float32)
+        keep[rows], component[rows], nearest[rows] = result.keep, rows[result.component], result.nearest
+        return dedup_stage.DedupResult(keep, component, nearest, result.num_edges)
+
     def dedup(self, stages) -> np.ndarray:
         o = self.options
         if "dedup" not in stages:
-            return np.ones(len(self.pool), dtype=bool)
+            return self.valid.copy()
         fp, record = self._step("dedup", [o.dedup_threshold, o.k, o.exact_max])
         folder = self.out / "dedup"
         if record is None:
             self.log(f"dedup: {o.k}-NN graph of {len(self.pool):,} images, threshold {o.dedup_threshold}")
-            result = dedup_stage.self_dedup(self.pool.vectors, o.dedup_threshold, k=o.k, names=self.pool.paths,
-                                            pixels=self.pool.pixels, exact_max=o.exact_max,
-                                            progress=self.progress, engine=self.engine)
+            result = self._self_dedup()
             _write_groups(folder / "groups.csv", self.pool, result)
-            counts, edges = knn.nn_histogram(result.nearest)
+            counts, edges = knn.nn_histogram(result.nearest[self.valid])
             histogram = {"bin_edges": edges.round(4).tolist(), "counts": counts.tolist(),
                          "threshold": o.dedup_threshold, "kind": "cosine similarity to the nearest other image",
-                         "quantiles": {str(q): float(np.quantile(result.nearest, q)) for q in
+                         "quantiles": {str(q): float(np.quantile(result.nearest[self.valid], q)) for q in
                                        (0.01, 0.1, 0.5, 0.9, 0.99, 0.999)}}
             atomic.write_text(folder / "nn_similarity.json", json.dumps(histogram, indent=1) + "\n")
             save_npy(folder / "component.npy", result.component)
