@@ -168,6 +168,10 @@ def check_options(o: CurateOptions, seeds, excludes) -> None:
             raise ValueError(f"{what} cannot be negative, got {values if len(values) > 1 else values[0]}")
     if o.engine not in engines.ENGINES:
         raise ValueError(f"--engine is one of {', '.join(engines.ENGINES)}, got {o.engine!r}")
+    if o.engine == "ray":  # before any output exists
+        from dinokit.extras import optional_import
+
+        optional_import("ray", purpose="dinokit curate --engine ray")
     for named, option in ((seeds, "--seed"), (excludes, "--exclude")):
         names = [name for name, _ in named]
         if len(set(names)) != len(names):
