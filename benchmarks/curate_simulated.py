@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from dinokit.curate import hierarchy
+
+sys.path.insert(0, str(Path(__file__).parent))
+from curate_scale import cpu_description  # noqa: E402
 
 GRID = np.arange(-3, 3 + 1e-9, 0.02)
 PUBLISHED = {"raw data (300 points)": 0.942, "k-means 300": 0.340, "2 levels 1500,300": 0.132,
@@ -77,13 +81,14 @@ def main():
             seconds[name].append(time.perf_counter() - start)
             rows[name].append(kl_to_uniform(points))
         print(f"run {run + 1}/{args.runs} done", flush=True)
-    print(f"\nCPU: {platform.processor() or platform.machine()}; {args.runs} runs (data seeds 0..{args.runs - 1})")
+    print(f"\nCPU: {cpu_description()}; {args.runs} runs (data seeds 0..{args.runs - 1})")
     print("| method | published KL | dinokit KL (mean +- std over runs) | seconds per run |\n|---|---|---|---|")
     for name in PUBLISHED:
         v = np.array(rows[name])
         print(f"| {name} | {PUBLISHED[name]:.3f} | {v.mean():.3f} +- {v.std():.3f} | {np.mean(seconds[name]):.1f} |")
     with open(args.output, "w") as f:
-        json.dump({"published": PUBLISHED, "kl": rows, "seconds": seconds}, f, indent=1)
+        json.dump({"cpu": cpu_description(), "runs": args.runs, "published": PUBLISHED, "kl": rows,
+                   "seconds": seconds}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from dinokit.apps.serve.batching import DynamicBatcher  # noqa: E402
 from dinokit.apps.serve.collection import Collection  # noqa: E402
 from dinokit.apps.serve.uploads import ImageTooLarge, UnreadableImage, decode_upload  # noqa: E402
 
+pq = pytest.importorskip("pyarrow.parquet")
+
 SIZE = 28  # 2 x 2 patches
 NUM_IMAGES = 14
 MARKUP_NAME = "<img src=x onerror=alert(1)>.png"  # the twin of picture_01.png: a file name that is also markup
@@ -694,8 +696,90 @@ def _wait_for_health(url: str, server: subprocess.Popen, seconds: float = 300) -
     pytest.fail(f"dinokit serve did not answer /api/health within {seconds:.0f} s")
 
 
+# ---------------------------------------------------------------------------------------------------- --curate
+@pytest.fixture(scope="module")
+def curated(served):
+    """`dinokit curate` over the served folder: dedup (the twin goes), two k-means levels, 6 images selected."""
+    pytest.importorskip("faiss")
+    from dinokit.curate.pipeline import CurateOptions, curate
+
+    out = served / "curated"
+    curate(served / "emb", out, options=CurateOptions(levels=[4, 2], n_iters=5, resample_steps=0, target=6,
+                                                      dedup_threshold=0.999), quiet=True)
+    return out
+
+
+def _get_error(url: str) -> tuple[int, str]:
+    try:
+        urllib.request.urlopen(url, timeout=30)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)["error"]
+    pytest.fail(f"{url} answered 200")
+
+
+def test_clusters_of_a_curate_output_are_served_as_curate_wrote_them(collection, curated):
+    from dinokit.apps.serve.clusters import CurateClusters
+
+    rows = np.load(curated / "clusters" / "rows.npy")
+    labels = {1: np.load(curated / "clusters" / "level1.npy")}
+    labels[2] = np.load(curated / "clusters" / "level2.npy")[labels[1]]
+    table = pq.read_table(curated / "selected.parquet")
+    times = dict(zip(table.column("row").to_pylist(), table.column("times_selected").to_pylist()))
+    assert len(rows) == NUM_IMAGES and sum(times.values()) == 6  # the twin was deduplicated away
+    view = CurateClusters(curated, collection.vectors, collection.paths)
+    with _real_server(create_app(collection, clusters=view)) as url:
+        assert _get_json(url + "/api/health")["curate"] == {
+            "output": "curated", "levels": [4, 2], "clustered": NUM_IMAGES, "selected": len(times),
+            "selected_with_repeats": 6}
+        for level in (1, 2):
+            data = _get_json(f"{url}/api/clusters?level={level}&per_cluster=100")
+            assert data["num_clusters"] == len(np.unique(labels[level]))
+            sizes = [c["images"] for c in data["clusters"]]
+            assert sizes == sorted(sizes, reverse=True) and sum(sizes) == NUM_IMAGES
+            for cluster in data["clusters"]:
+                members = cluster["members"]
+                assert {m["id"] for m in members} == set(rows[labels[level] == cluster["id"]].tolist())
+                assert all(m["selected"] == times.get(m["id"], 0) for m in members)
+                assert cluster["selected"] == sum(m["id"] in times for m in members)
+                distances = [m["distance"] for m in members]
+                assert distances == sorted(distances)  # closest to the centroid first
+                assert members[0]["thumbnail"] == f"/api/thumbnail/{members[0]['id']}"
+            one = _get_json(f"{url}/api/clusters/{level}/{data['clusters'][0]['id']}")
+            assert one["members"] == data["clusters"][0]["members"]
+        assert [len(c["members"]) for c in _get_json(f"{url}/api/clusters?per_cluster=1&limit=2")["clusters"]] == [1, 1]
+        assert _get_error(f"{url}/api/clusters?level=3") == (404, "no level 3: this curate output has levels 1 to 2")
+        assert _get_error(f"{url}/api/clusters/1/4")[0] == 404
+        page = urllib.request.urlopen(url + "/", timeout=30).read().decode()
+        script = urllib.request.urlopen(url + "/static/app.js", timeout=30).read().decode()
+        assert 'id="tab-clusters"' in page and "/api/clusters?level=" in script
+    with _real_server(create_app(collection)) as url:  # no --curate: the tab stays hidden, the API says why
+        assert _get_json(url + "/api/health")["curate"] is None
+        status, message = _get_error(url + "/api/clusters")
+        assert status == 404 and "--curate" in message
+
+
+def test_a_curate_output_of_another_pool_or_unfinished_is_refused_in_one_line(served, collection, curated, tmp_path,
+                                                                             capsys):
+    from dinokit.apps.serve.clusters import CurateClusters
+    from dinokit.cli import main
+
+    other = tmp_path / "other"
+    shutil.copytree(curated, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "pool_names_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="curated a pool of other images"):
+        CurateClusters(other, collection.vectors, collection.paths)
+    (other / "manifest.json").write_text(json.dumps({**manifest, "num_pool": 3}))
+    with pytest.raises(ValueError, match="a pool of 3 images but this collection has 15"):
+        CurateClusters(other, collection.vectors, collection.paths)
+    (other / "manifest.json").unlink()
+    assert main(["serve", str(served / "emb"), "--curate", str(other), "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "holds no manifest.json" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
 @pytest.mark.slow
-def test_web_page_in_headless_chromium_finds_the_uploaded_image_first(served, collection):
+def test_web_page_in_headless_chromium_finds_the_uploaded_image_first(served, collection, curated):
     """Upload through the page's file input, see the image itself first, click a result to search from it.
 
     Set DINOKIT_SCREENSHOT=path.png to keep a screenshot of the page (docs/serve.png is one).
@@ -708,8 +792,8 @@ def test_web_page_in_headless_chromium_finds_the_uploaded_image_first(served, co
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "dinokit", "serve", str(served / "emb"), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen([sys.executable, "-m", "dinokit", "serve", str(served / "emb"), "--port", str(port),
+                               "--curate", str(curated)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
@@ -772,6 +856,21 @@ def test_web_page_in_headless_chromium_finds_the_uploaded_image_first(served, co
         assert "picture_01.png" in names[groups.index(group)]
         kept = group.find_element(By.CSS_SELECTOR, ".result.keep .name").text
         assert f"keep {kept}," in group.find_element(By.TAG_NAME, "h2").text
+        assert driver.execute_script(injected) == 0, f"the file name {MARKUP_NAME!r} became markup in the page"
+
+        # The Clusters tab (--curate): clusters largest first, selected images framed, levels switchable.
+        driver.find_element(By.ID, "tab-clusters").click()
+        wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#clusters .cluster .result")))
+        expected = _get_json(url + "/api/clusters")
+        boxes = driver.find_elements(By.CSS_SELECTOR, "#clusters .cluster")
+        assert [b.get_attribute("data-id") for b in boxes] == [str(c["id"]) for c in expected["clusters"]]
+        framed = [c.get_attribute("data-id") for c in driver.find_elements(By.CSS_SELECTOR, "#clusters .result.selected")]
+        assert framed == [str(m["id"]) for c in expected["clusters"] for m in c["members"] if m["selected"]]
+        from selenium.webdriver.support.ui import Select
+
+        Select(driver.find_element(By.ID, "cluster-level")).select_by_value("2")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#clusters .cluster"))
+                   == _get_json(url + "/api/clusters?level=2")["num_clusters"])
         assert driver.execute_script(injected) == 0, f"the file name {MARKUP_NAME!r} became markup in the page"
         driver.find_element(By.ID, "tab-search").click()
 

@@ -169,3 +169,12 @@ def test_embed_engine_ray_without_ray_names_the_ray_extra_and_writes_nothing(mon
                  "--quiet"]) == 2
     assert "ray[data]" in one_line_error(capsys, "ray", "ray")
     assert not out.exists()
+
+
+def test_curate_engine_ray_without_ray_names_the_ray_extra_and_writes_nothing(monkeypatch, capsys, tmp_path):
+    hide(monkeypatch, "ray")
+    np.save(tmp_path / "pool.npy", np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32))
+    out = tmp_path / "curated"
+    assert main(["curate", str(tmp_path / "pool.npy"), "-o", str(out), "--engine", "ray", "--quiet"]) == 2
+    assert "ray[data]" in one_line_error(capsys, "ray", "ray")
+    assert not out.exists()

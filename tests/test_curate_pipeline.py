@@ -163,6 +163,14 @@ def test_cli_end_to_end_and_a_stage_run_alone_is_reused_by_the_full_run(tmp_path
     ("mixed_norms", "with and without --normalize"),
     ("model", "similarities between them mean nothing"),
     ("patch", "patch grids"),
+    ("pooling", "pooling 'mean' vs the pool's 'cls'"),
+    ("seed_empty", "set 's'"),
+    ("nan_folder", "3 unusable vector(s) (NaN, infinite or zero) -- row 3 (img3.jpg): NaN"),
+    ("manifest_dim", "the manifest says 16-d vectors"),
+    ("decontam_all", "no pool image is left after decontamination"),
+    ("levels", "--levels takes positive cluster counts"),
+    ("exclude_threshold", "--exclude-threshold is a cosine similarity"),
+    ("same_names", "two --exclude sets have the same NAME"),
 ])
 def test_bad_inputs_get_one_clear_error_and_no_output(tmp_path, capsys, problem, message):
     x, _ = mixture(6)
@@ -193,10 +201,118 @@ def test_bad_inputs_get_one_clear_error_and_no_output(tmp_path, capsys, problem,
     elif problem == "patch":
         argv[1] = str(write_folder(tmp_path / "emb", x, [f"{i}" for i in range(len(x))],
                                    manifest={"pooling": "patch"}))
+    elif problem == "pooling":  # same weights, another pooling: same dimension, different meaning
+        argv[1] = str(write_folder(tmp_path / "emb", x, [f"{i}" for i in range(len(x))]))
+        other = write_folder(tmp_path / "other", x[:20], [f"{i}" for i in range(20)], shards=1,
+                             manifest={"pooling": "mean"})
+        argv += ["--seed", f"s={other}"]
+    elif problem == "seed_empty":
+        np.save(tmp_path / "s.npy", x[:0])
+        argv += ["--seed", f"s={tmp_path / 's.npy'}"]
+        message += f" ({tmp_path / 's.npy'}) is empty"
+    elif problem == "nan_folder":  # every bad row counted, across shards, and named by its image
+        bad = x.copy()
+        bad[[3, 5, len(x) - 2], 0] = [np.nan, np.inf, np.nan]
+        argv[1] = str(write_folder(tmp_path / "emb", bad, [f"img{i}.jpg" for i in range(len(x))]))
+    elif problem == "manifest_dim":  # shards of another model copied into a folder
+        argv[1] = str(write_folder(tmp_path / "emb", x, [f"{i}" for i in range(len(x))], manifest={"dim": 16}))
+    elif problem == "decontam_all":  # the evaluation set is the pool: nothing may be left that looks complete
+        argv += ["--exclude", f"ev={pool}", "--stages", "dedup,decontam"]
+    elif problem == "levels":
+        argv += ["--levels", "10,0"]
+    elif problem == "exclude_threshold":
+        argv += ["--exclude", f"ev={pool}", "--exclude-threshold", "1.5"]
+    elif problem == "same_names":
+        argv += ["--exclude", f"ev={pool}", "--exclude", f"ev={pool}"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_skip_invalid_leaves_bad_rows_out_lists_them_and_curates_the_rest_as_without_them(tmp_path, capsys):
+    x, _ = mixture(8)
+    bad_rows = [4, 150, len(x) - 1]
+    bad = x.copy()
+    bad[4, 0], bad[150, 2], bad[len(x) - 1] = np.nan, np.inf, 0
+    paths = [f"img{i:04d}.jpg" for i in range(len(x))]
+    good = [i for i in range(len(x)) if i not in bad_rows]
+    with_bad = write_folder(tmp_path / "with_bad", bad, paths, shards=3)
+    without = write_folder(tmp_path / "without", x[good], [paths[i] for i in good], shards=3)
+    seed = x[:20].copy()
+    seed[3] = np.nan
+    np.save(tmp_path / "seed.npy", seed)
+    common = dict(target=150, levels=[20, 4], **FAST)
+    curate(without, tmp_path / "clean", options=CurateOptions(**common), quiet=True)
+    assert main(["curate", str(with_bad), "-o", str(tmp_path / "refused"), "--quiet"]) == 2
+    assert "--skip-invalid" in capsys.readouterr().err
+    report = curate(with_bad, tmp_path / "out", seeds=[("s", str(tmp_path / "seed.npy"))],
+                    options=CurateOptions(**common, skip_invalid=True, retrieval="sample"))
+    err = capsys.readouterr().err
+    assert "3 NaN, infinite or zero vector(s) of pool left out" in err and "1 NaN" in err
+    lines = (tmp_path / "out" / "invalid.csv").read_text().splitlines()
+    assert lines == ["row,path,reason", "4,img0004.jpg,NaN or infinite values",
+                     "150,img0150.jpg,NaN or infinite values", f"{len(x) - 1},img{len(x) - 1:04d}.jpg,a zero vector"]
+    assert report.counts["invalid_skipped"] == 3
+    assert not np.load(tmp_path / "out" / "dedup" / "keep.npy")[bad_rows].any()
+    assert not set(bad_rows) & set(np.load(tmp_path / "out" / "clusters" / "rows.npy").tolist())
+    balanced = set(np.load(tmp_path / "out" / "sampling" / "rows.npy").tolist())
+    clean = np.load(tmp_path / "clean" / "sampling" / "rows.npy")
+    assert balanced == {good[i] for i in clean}  # the same selection as a pool without those rows
+
+
+def test_a_seed_set_recording_the_same_model_by_path_only_is_accepted_and_an_unrecorded_one_noted(tmp_path, capsys):
+    x, _ = mixture(6)
+    pool = write_folder(tmp_path / "pool", x, [f"{i}" for i in range(len(x))])  # weights "abc", spec "test"
+    same = write_folder(tmp_path / "same", x[:30], [f"{i}" for i in range(30)], shards=1,
+                        manifest={"model": {"spec": "test"}})  # an older manifest: no weights hash
+    np.save(tmp_path / "bare.npy", x[:30])
+    report = curate(pool, tmp_path / "out", seeds=[("same", str(same)), ("bare", str(tmp_path / "bare.npy"))],
+                    options=CurateOptions(retrieval="sample", stages=("retrieve",)))
+    assert report.counts["retrieved:same"]["distinct"] > 0
+    err = capsys.readouterr().err
+    assert "bare and the pool cannot be checked" in err and "same and the pool" not in err
+
+
+def test_the_pool_is_never_loaded_whole_and_streaming_changes_no_result(tmp_path, monkeypatch):
+    """With small chunks and --memory-mb 2, k-means reads the memory-mapped pool chunk by chunk: the peak of
+    Python-side allocations stays well under the pool's float32 size, and the selection equals an in-memory
+    run's byte for byte."""
+    import tracemalloc
+
+    from dinokit.curate import inputs
+
+    monkeypatch.setattr(inputs, "CHUNK_BYTES", 1 << 20)
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(40, 384))[rng.integers(0, 40, 12_000)] + 0.5 * rng.normal(size=(12_000, 384)))
+    np.save(tmp_path / "pool.npy", x.astype(np.float32))  # not unit-length: normalised as it is read
+    pool_bytes = x.size * 4
+    common = dict(stages=("kmeans", "sample"), levels=[20, 4], n_iters=3, resample_steps=1, target=1000)
+    curate(tmp_path / "pool.npy", tmp_path / "in_memory", options=CurateOptions(**common), quiet=True)  # first:
+    tracemalloc.start()  # the modules it imported (faiss, scipy, pyarrow) are not counted below
+    curate(tmp_path / "pool.npy", tmp_path / "streamed", options=CurateOptions(**common, memory_mb=2), quiet=True)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 0.5 * pool_bytes, f"peak {peak / 2**20:.1f} MiB for a {pool_bytes / 2**20:.1f} MiB pool"
+    for name in ("selected.parquet", "clusters/level1.npy", "clusters/centroids_level2.npy"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "in_memory" / name).read_bytes(), name
+
+
+def test_vectors_view_reads_the_same_rows_as_the_loaded_array(tmp_path):
+    from dinokit.curate.inputs import Vectors, concatenate
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(7, 5)).astype(np.float16), rng.normal(size=(11, 5)).astype(np.float16)
+    whole = np.concatenate([a, b]).astype(np.float32)
+    whole /= np.linalg.norm(whole, axis=1, keepdims=True)
+    v = Vectors([a, b])
+    rows = np.array([12, 3, 7, 6, 3, 17])
+    assert v.shape == (18, 5) and np.array_equal(v[:], whole) and np.array_equal(v[rows], whole[rows])
+    assert np.array_equal(v[4:13], whole[4:13]) and np.array_equal(v[::5], whole[::5])
+    sub = v.subset(rows)
+    assert np.array_equal(sub[1:4], whole[rows[1:4]]) and np.array_equal(np.asarray(sub), whole[rows])
+    both = concatenate([sub, v])
+    assert np.array_equal(both[[0, 6, 17]], whole[[12, 0, 11]]) and len(both) == 24
 
 
 KILL_ARGS = ["--target", "150", "--levels", "40,8", "--iters", "5", "--resample-steps", "1"]

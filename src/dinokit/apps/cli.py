@@ -93,6 +93,8 @@ def register(subparsers) -> None:
     p.add_argument("--absolute-paths", action="store_true",
                    help="show the images' absolute paths (default: relative to the collection root)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--curate", default=None, metavar="CURATE_OUT",
+                   help="output folder of `dinokit curate` over this folder: adds a Clusters tab")
     p.set_defaults(func=_serve)
 
 
@@ -169,5 +171,5 @@ def _serve(args) -> int:
 
     serve(args.emb_dir, model=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
           max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb, device=args.device,
-          request_timeout=args.request_timeout, absolute_paths=args.absolute_paths)
+          request_timeout=args.request_timeout, absolute_paths=args.absolute_paths, curate=args.curate)
     return 0

@@ -51,6 +51,13 @@ def register(subparsers) -> None:
     p.add_argument("--splits", type=int, default=d.n_splits, help="split every first-level cluster in this many")
     p.add_argument("--precision", choices=["float32", "float64"], default=d.precision,
                    help="k-means assignment arithmetic (centroid sums are always float64)")
+    p.add_argument("--memory-mb", type=int, default=d.memory_mb,
+                   help="k-means inputs up to this size are read into memory; larger ones are streamed from the "
+                        "memory-mapped shards on every pass (the pool itself is never loaded whole)")
+    p.add_argument("--engine", choices=["local", "ray"], default=d.engine,
+                   help="run the k-NN searches and k-means assignments in this process or as Ray tasks (equal "
+                        "results; workers read the shards themselves, so a cluster needs them on shared storage)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local Ray)")
     p.add_argument("--device", default=d.device, help="k-means assignments on cpu (faiss) or cuda (torch)")
     p.add_argument("--multiplier", type=int, default=d.multiplier, help="most times one image may be selected")
     p.add_argument("--leaf", choices=["random", "closest"], default=d.leaf, help="which images a capped leaf "
@@ -63,6 +70,9 @@ def register(subparsers) -> None:
                    help="cluster-based: a cluster qualifies with more than this many seed images")
     p.add_argument("--per-cluster", type=int, default=d.per_cluster, help="cluster-based: images per cluster")
     p.add_argument("--cap", type=int, default=d.cap, help="cluster-based: most images per seed set")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="leave NaN, infinite and zero vectors out (listed in OUT/invalid.csv) instead of refusing "
+                        "the set")
     p.add_argument("--random-seed", type=int, default=d.random_seed, help="seed of every random choice")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_curate, on_interrupt=RERUN_TO_RESUME)
@@ -81,7 +91,8 @@ def _curate(args) -> int:
         sample_sizes=args.sample_sizes, n_splits=args.splits, precision=args.precision, device=args.device,
         multiplier=args.multiplier, leaf=args.leaf, retrieval=args.retrieval, per_seed=args.per_seed,
         min_seed_hits=args.min_seed_hits, per_cluster=args.per_cluster, cap=args.cap,
-        random_seed=args.random_seed)
+        random_seed=args.random_seed, memory_mb=args.memory_mb, engine=args.engine, ray_address=args.ray_address,
+        skip_invalid=args.skip_invalid)
     report = curate(args.pool, args.output, seeds=[parse_named(s, "--seed") for s in args.seed],
                     excludes=[parse_named(s, "--exclude") for s in args.exclude], options=options, quiet=args.quiet)
     c = report.counts

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dinokit.curate import knn
+from dinokit.curate import inputs, knn
+from dinokit.curate.engine import LOCAL
+from dinokit.curate.progress import Silent
 
 DEFAULT_THRESHOLD = 0.95
 KEEP_RULE = "most pixels (width*height), then smallest path, then lowest row"
@@ -44,16 +46,20 @@ def keep_one_per_component(component: np.ndarray, names: list[str] | None, pixel
 
 def self_dedup(vectors: np.ndarray, threshold: float = DEFAULT_THRESHOLD, *, k: int = knn.DEFAULT_K,
                names: list[str] | None = None, pixels: np.ndarray | None = None,
-               exact_max: int = knn.EXACT_MAX, log=None) -> DedupResult:
-    if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"the dedup threshold is a cosine similarity in [-1, 1], got {threshold}")
+               exact_max: int = knn.EXACT_MAX, progress=Silent, engine=LOCAL) -> DedupResult:
+    check_threshold(threshold, "dedup")
     n = len(vectors)
     if n == 1:
         return DedupResult(np.ones(1, bool), np.zeros(1, np.int64), np.full(1, -1, np.float32), 0)
-    sims, ids = knn.knn_graph(vectors, k, exact_max, log=log)
-    sources, targets = knn.edges_above(sims, ids, threshold)
+    sources, targets, nearest = knn.threshold_graph(vectors, threshold, k, exact_max, progress=progress,
+                                                    engine=engine)
     component = knn.components(n, sources, targets)
-    return DedupResult(keep_one_per_component(component, names, pixels), component, sims[:, 0], len(sources))
+    return DedupResult(keep_one_per_component(component, names, pixels), component, nearest, len(sources))
+
+
+def check_threshold(threshold: float, what: str) -> None:
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"the {what} threshold is a cosine similarity in [-1, 1], got {threshold}")
 
 
 @dataclass
@@ -64,16 +70,17 @@ class DecontaminationResult:
     num_edges: int
 
 
-def decontaminate(pool: np.ndarray, references: np.ndarray, threshold: float, *, k: int = knn.DEFAULT_K,
-                  exact_max: int = knn.EXACT_MAX, log=None) -> DecontaminationResult:
+def decontaminate(pool, references, threshold: float, *, k: int = knn.DEFAULT_K,
+                  exact_max: int = knn.EXACT_MAX, progress=Silent, engine=LOCAL) -> DecontaminationResult:
     """Drop every pool component (k-NN graph over pool + references, edges >= threshold) holding a reference."""
+    check_threshold(threshold, "decontamination (--exclude)")
     n = len(pool)
-    both = np.concatenate([pool, references])
-    sims, ids = knn.knn_graph(both, k, exact_max, log=log)
-    sources, targets = knn.edges_above(sims, ids, threshold)
+    both = inputs.concatenate([pool, references])
+    sources, targets, _ = knn.threshold_graph(both, threshold, k, exact_max, progress=progress, engine=engine)
     component = knn.components(len(both), sources, targets)
     contaminated = np.zeros(len(both), dtype=bool)
     contaminated[np.unique(component[n:])] = True
     drop = contaminated[component[:n]]
-    ref_sims, ref_ids = knn.search(knn.build_index(references, exact_max), pool, 1)
+    ref_sims, ref_ids = knn.search(knn.build_index(references, exact_max), pool, 1, progress=progress,
+                                   engine=engine)
     return DecontaminationResult(drop, ref_ids[:, 0], ref_sims[:, 0], len(sources))

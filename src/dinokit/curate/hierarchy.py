@@ -18,13 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dinokit.curate.engine import LOCAL
+from dinokit.curate.inputs import materialise, take
 from dinokit.curate.kmeans import DEFAULT_ITERS, assign, kmeans
+from dinokit.curate.progress import Silent
 
 LEAF_MEAN = 64  # default points per level-1 cluster (the reference's configs: 74 and 85)
 BRANCHING = 10  # default children per cluster above level 1 (configs: 20/10/5 and 25/10/8/4)
 MAX_LEVELS = 4
 MIN_TOP_K = 100
 DEFAULT_RESAMPLE_STEPS = 10
+MEMORY_BUDGET = 2 << 30  # a level input or resampling sample up to this size is read into memory once
 
 
 @dataclass
@@ -73,45 +77,55 @@ def _compact(labels: np.ndarray, centroids: np.ndarray, sqdist: np.ndarray) -> L
 def cluster_level(x: np.ndarray, k: int, *, n_iters: int = DEFAULT_ITERS,
                   resample_steps: int = DEFAULT_RESAMPLE_STEPS, sample_size: int | None = None,
                   sample_strategy: str = "closest", n_splits: int = 1, rng: np.random.Generator | None = None,
-                  precision: str = "float32", device: str = "cpu", log=None) -> Level:
-    """One level: k-means, then resampling steps (or the first-level split into n_splits sub-clusters each)."""
+                  precision: str = "float32", device: str = "cpu", log=None, progress=Silent,
+                  memory_budget: int = MEMORY_BUDGET, engine=LOCAL) -> Level:
+    """One level: k-means, then resampling steps (or the first-level split into n_splits sub-clusters each).
+
+    `x` may be an `inputs.Vectors`: read into memory when it fits `memory_budget` bytes (each Lloyd step passes
+    over it twice), else streamed from its memory-mapped shards on every pass."""
     rng = rng if rng is not None else np.random.default_rng(0)
     k = min(k, len(x))
     if n_splits > 1 and resample_steps > 0:
         raise ValueError("a level is either split (n_splits > 1) or resampled, not both (as in the reference)")
-    result = kmeans(x, k, n_iters=n_iters, rng=rng, precision=precision, device=device)
+    x = materialise(x, memory_budget)
+    result = kmeans(x, k, n_iters=n_iters, rng=rng, precision=precision, device=device, progress=progress,
+                    engine=engine)
     centroids, labels, sqdist = result.centroids, result.labels, result.sqdist
     sample_size = auto_sample_size(len(x), k) if sample_size is None else sample_size
     for step in range(resample_steps if sample_size > 1 else 0):
         picked = closest_members(labels, sqdist, sample_size, rng if sample_strategy == "random" else None)
-        sample = np.asarray(x[picked], dtype=np.float32)
-        centroids = kmeans(sample, min(k, len(sample)), n_iters=n_iters, rng=rng, precision=precision,
-                           device=device).centroids
-        labels, sqdist = assign(x, centroids, precision=precision, device=device)
+        sample = materialise(take(x, picked), memory_budget)
+        if isinstance(sample, np.ndarray):
+            sample = sample.astype(np.float32, copy=False)
         if log:
             log(f"resampling step {step + 1}/{resample_steps}: {len(picked):,} points")
+        centroids = kmeans(sample, min(k, len(sample)), n_iters=n_iters, rng=rng, precision=precision,
+                           device=device, progress=progress, engine=engine).centroids
+        labels, sqdist = assign(x, centroids, precision=precision, device=device, engine=engine)
     if n_splits > 1:
-        labels, centroids, sqdist = _split(x, labels, n_splits, n_iters, rng, precision, device)
+        labels, centroids, sqdist = _split(x, labels, n_splits, n_iters, rng, precision, device, progress)
     return _compact(labels, centroids, sqdist)
 
 
-def _split(x, labels, n_splits, n_iters, rng, precision, device):
+def _split(x, labels, n_splits, n_iters, rng, precision, device, progress=Silent):
     """An independent k-means with min(n_splits, size) clusters inside every cluster."""
     order = np.argsort(labels, kind="stable")
     bounds = np.r_[0, np.cumsum(np.bincount(labels))]
     new_labels = np.empty(len(x), dtype=np.int64)
     sqdist = np.empty(len(x), dtype=np.float32)
     centroids, offset = [], 0
-    for c in range(len(bounds) - 1):
-        members = order[bounds[c]:bounds[c + 1]]
-        if not len(members):
-            continue
-        sub = kmeans(np.asarray(x[members], dtype=np.float32), min(n_splits, len(members)), n_iters=n_iters,
-                     rng=rng, precision=precision, device=device)
-        new_labels[members] = sub.labels + offset
-        sqdist[members] = sub.sqdist
-        centroids.append(sub.centroids)
-        offset += len(sub.centroids)
+    with progress(total=len(bounds) - 1, desc=f"split in {n_splits}", unit="cluster") as bar:
+        for c in range(len(bounds) - 1):
+            bar.update()
+            members = order[bounds[c]:bounds[c + 1]]
+            if not len(members):
+                continue
+            sub = kmeans(np.asarray(x[members], dtype=np.float32), min(n_splits, len(members)), n_iters=n_iters,
+                         rng=rng, precision=precision, device=device)
+            new_labels[members] = sub.labels + offset
+            sqdist[members] = sub.sqdist
+            centroids.append(sub.centroids)
+            offset += len(sub.centroids)
     return new_labels, np.concatenate(centroids), sqdist
 
 

@@ -6,6 +6,8 @@
   precision="float64"; torch on a GPU with device="cuda"), then each centroid = mean of its points, the sums
   accumulated in float64 (the reference's `high_precision`). An empty cluster keeps its previous centroid.
   No tolerance stop: the reference runs all `n_iters` (50 in its configs).
+
+Every pass over `x` reads it in chunks, so `x` may be an `inputs.Vectors` streamed from memory-mapped shards.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dinokit.curate import inputs
+from dinokit.curate.engine import LOCAL
+from dinokit.curate.progress import Silent
 from dinokit.extras import optional_import
 
 DEFAULT_ITERS = 50
@@ -36,40 +41,70 @@ def _sq_norms(x: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x, dtype=np.float64)
 
 
+def _chunks(x, itemsize: int = 4):
+    """(start, block) over the rows of x: an ndarray (views) or an `inputs.Vectors` (reads); blocks of
+    `inputs.CHUNK_BYTES` at `itemsize` bytes per value."""
+    chunk = inputs.rows_per_chunk(x.shape[1], itemsize)
+    for start in range(0, len(x), chunk):
+        yield start, np.asarray(x[start:start + chunk])
+
+
 def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator, n_local_trials: int | None = None,
-                    return_indices: bool = False):
+                    return_indices: bool = False, progress=Silent):
     """k rows of `x` chosen by greedy k-means++ (as sklearn.cluster.kmeans_plusplus)."""
     n = len(x)
     if not 1 <= k <= n:
         raise ValueError(f"k-means++ needs 1 <= k <= {n} points, got k={k}")
     trials = n_local_trials if n_local_trials is not None else 2 + int(math.log(k))
-    x_norms = _sq_norms(x)
+    x_norms = np.concatenate([_sq_norms(block) for _, block in _chunks(x)])
 
     def sqdist(rows: np.ndarray) -> np.ndarray:  # (n, len(rows)) squared distances, float64, >= 0
-        d = x_norms[:, None] + x_norms[rows][None, :] - 2.0 * (x @ x[rows].T).astype(np.float64)
-        return np.maximum(d, 0.0)
+        centres = np.asarray(x[rows])
+        d = np.empty((n, len(rows)), dtype=np.float64)
+        for start, block in _chunks(x):
+            d[start:start + len(block)] = block @ centres.T
+        d *= -2.0  # in place: one (n, trials) array, not four
+        d += x_norms[:, None]
+        d += x_norms[rows][None, :]
+        return np.maximum(d, 0.0, out=d)
 
     indices = np.empty(k, dtype=np.int64)
     indices[0] = rng.integers(n)
     closest = sqdist(indices[:1])[:, 0]
     potential = closest.sum()
+    bar = progress(total=k, desc="k-means++", unit="centre")
     for c in range(1, k):
+        bar.update()
         if potential <= 0:  # every point sits on a centre already: take any not chosen yet
             indices[c] = np.setdiff1d(np.arange(n), indices[:c])[0]
             continue
         candidates = np.searchsorted(np.cumsum(closest), rng.random(trials) * potential)
         candidates = np.minimum(candidates, n - 1)
-        distances = np.minimum(closest[:, None], sqdist(candidates))
+        distances = sqdist(candidates)
+        np.minimum(distances, closest[:, None], out=distances)
         potentials = distances.sum(axis=0)
         best = int(np.argmin(potentials))
-        indices[c], closest, potential = candidates[best], distances[:, best], potentials[best]
+        indices[c], closest, potential = candidates[best], distances[:, best].copy(), potentials[best]
+    bar.close()
     centers = np.array(x[indices], dtype=np.float32)
     return (centers, indices) if return_indices else centers
 
 
+def _nearest(centroids: np.ndarray, block) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, squared distances) of a block's rows to their nearest centroid: faiss IndexFlatL2, float32."""
+    faiss = optional_import("faiss", purpose="k-means assignments")
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    d, i = index.search(np.ascontiguousarray(block, dtype=np.float32), 1)
+    return i[:, 0], np.maximum(d[:, 0], 0)
+
+
 def assign(x: np.ndarray, centroids: np.ndarray, *, precision: str = "float32", device: str = "cpu",
-           chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of each row and the squared distance to it."""
+           chunk: int | None = None, engine=LOCAL) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of each row and the squared distance to it, `chunk` rows at a time (default: as many
+    as keep one chunk's vectors and distances within `inputs.CHUNK_BYTES`, as the reference's 1e8 / k rows).
+    The float32 (faiss) path runs its batches on `engine`: this process, or Ray tasks with equal results."""
+    chunk = chunk or inputs.rows_per_chunk(max(x.shape[1], len(centroids)), 8)
     if device.startswith("cuda"):
         return _assign_torch(x, centroids, device, chunk)
     if precision == "float64":
@@ -83,14 +118,12 @@ def assign(x: np.ndarray, centroids: np.ndarray, *, precision: str = "float32", 
             labels[s:s + len(block)] = np.argmin(d, axis=1)
             dist[s:s + len(block)] = np.maximum(d[np.arange(len(block)), labels[s:s + len(block)]], 0)
         return labels, dist
-    faiss = optional_import("faiss", purpose="k-means assignments")
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     labels = np.empty(len(x), dtype=np.int64)
     dist = np.empty(len(x), dtype=np.float32)
-    for s in range(0, len(x), chunk * 16):
-        d, i = index.search(np.ascontiguousarray(x[s:s + chunk * 16], dtype=np.float32), 1)
-        labels[s:s + len(i)], dist[s:s + len(i)] = i[:, 0], np.maximum(d[:, 0], 0)
+    chunk = inputs.rows_per_chunk(x.shape[1])  # faiss blocks its distance matrix itself
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    for s, (i, d) in engine.map(_nearest, x, chunk, centroids):
+        labels[s:s + len(i)], dist[s:s + len(i)] = i, d
     return labels, dist
 
 
@@ -109,9 +142,10 @@ def _assign_torch(x, centroids, device, chunk):
     return np.concatenate(labels).astype(np.int64), np.concatenate(dists).astype(np.float32)
 
 
-def update_centroids(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, chunk: int = 262_144) -> np.ndarray:
+def update_centroids(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """Mean of each cluster's rows, summed in float64; an empty cluster keeps its previous centroid."""
     sparse = optional_import("scipy.sparse", purpose="k-means centroid updates")
+    chunk = chunk or inputs.rows_per_chunk(x.shape[1], 8)
     k = len(previous)
     sums = np.zeros(previous.shape, dtype=np.float64)
     for s in range(0, len(x), chunk):
@@ -127,12 +161,13 @@ def update_centroids(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, ch
 
 
 def kmeans(x: np.ndarray, k: int, *, n_iters: int = DEFAULT_ITERS, rng: np.random.Generator | None = None,
-           init: np.ndarray | str = "kmeans++", precision: str = "float32", device: str = "cpu") -> KMeansResult:
+           init: np.ndarray | str = "kmeans++", precision: str = "float32", device: str = "cpu",
+           progress=Silent, engine=LOCAL) -> KMeansResult:
     """`n_iters` Lloyd steps from k-means++ (or "random" rows, or given centroids)."""
     rng = rng if rng is not None else np.random.default_rng(0)
     if isinstance(init, str):
         if init == "kmeans++":
-            centroids = kmeans_plusplus(x, k, rng)
+            centroids = kmeans_plusplus(x, k, rng, progress=progress)
         elif init == "random":
             centroids = np.array(x[np.sort(rng.choice(len(x), k, replace=False))], dtype=np.float32)
         else:
@@ -140,10 +175,12 @@ def kmeans(x: np.ndarray, k: int, *, n_iters: int = DEFAULT_ITERS, rng: np.rando
     else:
         centroids = np.array(init, dtype=np.float32)
     history = []
-    labels, dist = assign(x, centroids, precision=precision, device=device)
-    for _ in range(n_iters):
-        history.append(float(dist.sum(dtype=np.float64)))
-        centroids = update_centroids(x, labels, centroids)
-        labels, dist = assign(x, centroids, precision=precision, device=device)
+    labels, dist = assign(x, centroids, precision=precision, device=device, engine=engine)
+    with progress(total=n_iters, desc=f"Lloyd ({len(x):,} -> {k:,})", unit="iter") as bar:
+        for _ in range(n_iters):
+            history.append(float(dist.sum(dtype=np.float64)))
+            centroids = update_centroids(x, labels, centroids)
+            labels, dist = assign(x, centroids, precision=precision, device=device, engine=engine)
+            bar.update()
     history.append(float(dist.sum(dtype=np.float64)))
     return KMeansResult(centroids, labels, dist, history)

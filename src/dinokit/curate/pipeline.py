@@ -15,6 +15,7 @@ matches what is recorded, and redoes the rest; a kill leaves at worst one stage 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -27,8 +28,10 @@ import numpy as np
 
 from dinokit import __version__, atomic, locking
 from dinokit.curate import dedup as dedup_stage
+from dinokit.curate import engine as engines
 from dinokit.curate import hierarchy, inputs, knn, retrieval, sampling
 from dinokit.curate.hierarchy import Level
+from dinokit.curate.progress import bars
 
 STAGES = ("dedup", "decontam", "kmeans", "sample", "retrieve")
 DEFAULT_EXCLUDE_THRESHOLD = 0.90  # stricter (lower) than self-dedup's, as DINOv2's 0.45 vs 0.6
@@ -58,6 +61,10 @@ class CurateOptions:
     per_cluster: int = 10_000
     cap: int = 1_000_000
     random_seed: int = 0
+    memory_mb: int = hierarchy.MEMORY_BUDGET >> 20  # larger k-means inputs are streamed from the shards
+    engine: str = "local"  # where k-NN search and k-means assignment batches run: "local" or "ray"
+    ray_address: str | None = None  # None: a local Ray (or the one already initialised)
+    skip_invalid: bool = False  # leave NaN/infinite/zero rows out (OUT/invalid.csv) instead of refusing the set
 
 
 @dataclass
@@ -134,35 +141,80 @@ def plan_stages(options: CurateOptions, has_seeds: bool, has_excludes: bool) -> 
     return chosen
 
 
+def check_options(o: CurateOptions, seeds, excludes) -> None:
+    """Every option a run cannot use, refused before anything is read or written."""
+    if o.target is not None and o.fraction is not None:
+        raise ValueError("give --target or --fraction, not both")
+    if o.multiplier < 1:
+        raise ValueError(f"--multiplier is the most times one image may be selected, at least 1; got {o.multiplier}")
+    if o.fraction is not None and not 0 < o.fraction <= o.multiplier:
+        raise ValueError(f"--fraction must be in (0, multiplier={o.multiplier}], got {o.fraction}")
+    if o.target is not None and o.target < 1:
+        raise ValueError(f"--target must be a positive number of images, got {o.target}")
+    for value, what in ((o.dedup_threshold, "--dedup-threshold"), (o.exclude_threshold, "--exclude-threshold")):
+        if not -1.0 <= value <= 1.0:
+            raise ValueError(f"{what} is a cosine similarity in [-1, 1], got {value}")
+    if o.levels is not None and (not o.levels or min(o.levels) < 1):
+        raise ValueError(f"--levels takes positive cluster counts, lowest level first, e.g. 2000,200; got {o.levels}")
+    steps = o.resample_steps if isinstance(o.resample_steps, list) else [o.resample_steps]
+    for values, what in (([o.k], "--knn"), ([o.per_seed], "--per-seed"), ([o.per_cluster], "--per-cluster"),
+                         ([o.cap], "--cap"), ([o.n_splits], "--splits"), ([o.memory_mb], "--memory-mb"),
+                         (o.sample_sizes or [1], "--sample-sizes")):
+        if min(values) < 1:
+            raise ValueError(f"{what} must be at least 1, got {values if len(values) > 1 else values[0]}")
+    for values, what in (([o.n_iters], "--iters"), (steps, "--resample-steps"), ([o.min_seed_hits],
+                                                                                  "--min-seed-hits")):
+        if min(values) < 0:
+            raise ValueError(f"{what} cannot be negative, got {values if len(values) > 1 else values[0]}")
+    if o.engine not in engines.ENGINES:
+        raise ValueError(f"--engine is one of {', '.join(engines.ENGINES)}, got {o.engine!r}")
+    if o.engine == "ray":  # before any output exists
+        from dinokit.extras import optional_import
+
+        optional_import("ray", purpose="dinokit curate --engine ray")
+    for named, option in ((seeds, "--seed"), (excludes, "--exclude")):
+        names = [name for name, _ in named]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two {option} sets have the same NAME; name them NAME=PATH")
+
+
 def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, str]] = (),
            excludes: list[tuple[str, str]] = (), options: CurateOptions | None = None,
            quiet: bool = False) -> CurateReport:
     options = options or CurateOptions()
     out = Path(output)
     log = _log_to(quiet)
-    if options.target is not None and options.fraction is not None:
-        raise ValueError("give --target or --fraction, not both")
-    if options.fraction is not None and not 0 < options.fraction <= options.multiplier:
-        raise ValueError(f"--fraction must be in (0, multiplier={options.multiplier}], got {options.fraction}")
-    if options.target is not None and options.target < 1:
-        raise ValueError(f"--target must be a positive number of images, got {options.target}")
+    progress = bars(not quiet)
+    check_options(options, seeds, excludes)
     stages = plan_stages(options, bool(seeds), bool(excludes))
 
-    pool = inputs.load_set(pool_path, "pool")
-    seed_sets = [inputs.load_set(path, name) for name, path in seeds]
-    exclude_sets = [inputs.load_set(path, name) for name, path in excludes]
-    inputs.check_compatible(pool, seed_sets + exclude_sets)
-    if len({name for name, _ in seeds}) != len(seeds):
-        raise ValueError("two --seed sets have the same NAME")
+    skip = options.skip_invalid
+    pool = inputs.load_set(pool_path, "pool", progress, skip)
+    if pool.invalid and len(pool.invalid) == len(pool):
+        raise ValueError(f"every vector of the pool ({pool.source}) is NaN, infinite or zero: nothing to curate; "
+                         f"re-embed the images.")
+    seed_sets = [inputs.load_set(path, name, progress, skip) for name, path in seeds]
+    exclude_sets = [inputs.load_set(path, name, progress, skip) for name, path in excludes]
+    for s in [pool, *seed_sets, *exclude_sets]:
+        if s.invalid:
+            log(f"--skip-invalid: {len(s.invalid):,} NaN, infinite or zero vector(s) of {s.name} left out"
+                + (" (listed in OUT/invalid.csv)" if s is pool else ""))
+    seed_sets = [inputs.without_invalid(s) for s in seed_sets]
+    exclude_sets = [inputs.without_invalid(s) for s in exclude_sets]
+    inputs.check_compatible(pool, seed_sets + exclude_sets, log)
     log(f"pool {pool.source}: {len(pool):,} x {pool.dim}; stages: {', '.join(stages)}")
 
-    with locking.acquire(out, "dinokit curate"):
+    with locking.acquire(out, "dinokit curate"), _engine(options, log) as engine:
         atomic.remove_stale_temporaries(out, recursive=True)
         (out / "manifest.json").unlink(missing_ok=True)  # a finished-looking folder only once everything is
-        run = _Run(out, pool, options, log)
+        run = _Run(out, pool, options, log, progress, engine)
+        run.write_invalid()
         keep = run.dedup(stages)
         keep = run.decontaminate(stages, keep, exclude_sets)
         survivors = np.flatnonzero(keep)
+        if len(survivors) == 0:  # decontamination can drop every image; an empty selection is not a result
+            raise ValueError(f"no pool image is left after decontamination at --exclude-threshold "
+                             f"{options.exclude_threshold}: see {out / 'decontam' / 'removed.csv'} and raise it")
         run.check_budget(stages, survivors)  # before k-means: a budget the pool cannot meet fails at once
         levels = run.kmeans(stages, survivors)
         balanced = run.sample(stages, survivors, levels)
@@ -176,7 +228,9 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
         manifest = {
             "complete": True, "dinokit_version": __version__, "pool": pool.source,
             "pool_manifest_model": (pool.manifest.get("model") or {}).get("spec"),
-            "num_pool": len(pool), "dim": pool.dim, "stages": list(stages), "options": asdict(options),
+            "num_pool": len(pool), "dim": pool.dim,
+            "pool_names_sha256": hashlib.sha256("\n".join(pool.names()).encode()).hexdigest(),  # `serve --curate`
+            "stages": list(stages), "options": asdict(options),
             "seeds": {s.name: {"source": s.source, "images": len(s)} for s in seed_sets},
             "excludes": {s.name: {"source": s.source, "images": len(s)} for s in exclude_sets},
             "keep_rule": dedup_stage.KEEP_RULE, "counts": run.counts,
@@ -187,12 +241,30 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
     return CurateReport(str(out), run.counts, run.ran, run.reused, run.counts.get("selected_images", 0))
 
 
+@contextlib.contextmanager
+def _engine(options: CurateOptions, log):
+    engine = engines.make_engine(options.engine, options.ray_address)
+    if options.engine != "local":
+        log(f"engine: {options.engine} ({options.ray_address or 'local Ray'}) for k-NN search and assignments")
+    try:
+        yield engine
+    finally:
+        if options.engine != "local":
+            log(f"engine: {engine.tasks_run:,} Ray tasks run")
+        engine.close()
+
+
 class _Run:
-    def __init__(self, out: Path, pool: inputs.EmbeddingSet, options: CurateOptions, log):
-        self.out, self.pool, self.options, self.log = out, pool, options, log
+    def __init__(self, out: Path, pool: inputs.EmbeddingSet, options: CurateOptions, log, progress, engine):
+        self.out, self.pool, self.options, self.log, self.progress = out, pool, options, log, progress
+        self.engine = engine  # not in any fingerprint: both engines give equal results
         self.stages = Stages(out)
-        self.fingerprint = _hash("pool", _fingerprint_vectors(pool.vectors), options.random_seed)
+        self.valid = pool.valid
+        self.fingerprint = _hash("pool", _fingerprint_vectors(pool.vectors), options.random_seed,
+                                 [r for r, _ in pool.invalid])
         self.counts = {"pool": len(pool)}
+        if pool.invalid:
+            self.counts["invalid_skipped"] = len(pool.invalid)
         self.ran, self.reused = [], []
 
     def _step(self, name: str, params) -> tuple[str, dict | None]:
@@ -203,22 +275,55 @@ class _Run:
             self.log(f"{name}: done earlier, reusing its results")
         return self.fingerprint, record
 
+    def write_invalid(self) -> None:
+        """OUT/invalid.csv: the pool rows --skip-invalid left out, with why (absent when there are none)."""
+        path = self.out / "invalid.csv"
+        if not self.pool.invalid:
+            path.unlink(missing_ok=True)
+            return
+        names = self.pool.names()
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["row", "path", "reason"])
+                writer.writerows([r, names[r], why] for r, why in self.pool.invalid)
+        atomic.atomic_write(path, write)
+
     # ------------------------------------------------------------------------------ dedup
+    def _self_dedup(self) -> dedup_stage.DedupResult:
+        """Self-dedup over the valid rows, as full-length arrays (a left-out row: its own component, not kept)."""
+        o = self.options
+        rows = np.flatnonzero(self.valid)
+        every = len(rows) == len(self.pool)
+        vectors, names, pixels = self.pool.vectors, self.pool.paths, self.pool.pixels
+        if not every:
+            vectors = vectors.subset(rows)
+            names = None if names is None else [names[r] for r in rows]
+            pixels = None if pixels is None else pixels[rows]
+        result = dedup_stage.self_dedup(vectors, o.dedup_threshold, k=o.k, names=names, pixels=pixels,
+                                        exact_max=o.exact_max, progress=self.progress, engine=self.engine)
+        if every:
+            return result
+        n = len(self.pool)
+        keep, component, nearest = np.zeros(n, bool), np.arange(n, dtype=np.int64), np.full(n, -1, np.float32)
+        keep[rows], component[rows], nearest[rows] = result.keep, rows[result.component], result.nearest
+        return dedup_stage.DedupResult(keep, component, nearest, result.num_edges)
+
     def dedup(self, stages) -> np.ndarray:
         o = self.options
         if "dedup" not in stages:
-            return np.ones(len(self.pool), dtype=bool)
+            return self.valid.copy()
         fp, record = self._step("dedup", [o.dedup_threshold, o.k, o.exact_max])
         folder = self.out / "dedup"
         if record is None:
             self.log(f"dedup: {o.k}-NN graph of {len(self.pool):,} images, threshold {o.dedup_threshold}")
-            result = dedup_stage.self_dedup(self.pool.vectors, o.dedup_threshold, k=o.k, names=self.pool.paths,
-                                            pixels=self.pool.pixels, exact_max=o.exact_max, log=self.log)
+            result = self._self_dedup()
             _write_groups(folder / "groups.csv", self.pool, result)
-            counts, edges = knn.nn_histogram(result.nearest)
+            counts, edges = knn.nn_histogram(result.nearest[self.valid])
             histogram = {"bin_edges": edges.round(4).tolist(), "counts": counts.tolist(),
                          "threshold": o.dedup_threshold, "kind": "cosine similarity to the nearest other image",
-                         "quantiles": {str(q): float(np.quantile(result.nearest, q)) for q in
+                         "quantiles": {str(q): float(np.quantile(result.nearest[self.valid], q)) for q in
                                        (0.01, 0.1, 0.5, 0.9, 0.99, 0.999)}}
             atomic.write_text(folder / "nn_similarity.json", json.dumps(histogram, indent=1) + "\n")
             save_npy(folder / "component.npy", result.component)
@@ -240,13 +345,14 @@ class _Run:
         folder = self.out / "decontam"
         if record is None:
             rows = np.flatnonzero(keep)
-            reference = np.concatenate([r.vectors for r in references])
+            reference = inputs.concatenate([r.vectors for r in references])
             owners = np.concatenate([[i] * len(r) for i, r in enumerate(references)]).astype(int)
             ref_names = [f"{r.name}:{n}" for r in references for n in r.names()]
             self.log(f"decontam: {len(rows):,} pool images against {len(reference):,} evaluation images, "
                       f"threshold {o.exclude_threshold}")
-            result = dedup_stage.decontaminate(self.pool.vectors[rows], reference, o.exclude_threshold, k=o.k,
-                                               exact_max=o.exact_max, log=self.log)
+            result = dedup_stage.decontaminate(self.pool.vectors.subset(rows), reference, o.exclude_threshold,
+                                               k=o.k, exact_max=o.exact_max, progress=self.progress,
+                                               engine=self.engine)
             names = self.pool.names()
             removed = [[int(rows[i]), names[rows[i]], references[owners[result.nearest_reference[i]]].name,
                         ref_names[result.nearest_reference[i]], round(float(result.similarity[i]), 6)]
@@ -272,8 +378,6 @@ class _Run:
         o = self.options
         if "kmeans" not in stages:
             return None
-        if len(survivors) == 0:
-            raise ValueError("no images are left to cluster after dedup and decontamination; check the thresholds")
         ks = list(o.levels) if o.levels else hierarchy.default_levels(len(survivors))
         steps = o.resample_steps if isinstance(o.resample_steps, list) else [o.resample_steps] * len(ks)
         if len(steps) != len(ks) or (o.sample_sizes is not None and len(o.sample_sizes) != len(ks)):
@@ -285,7 +389,7 @@ class _Run:
         folder = self.out / "clusters"
         if record is None:
             save_npy(folder / "rows.npy", survivors)
-            level_input = self.pool.vectors[survivors]
+            level_input = self.pool.vectors.subset(survivors)  # read (or streamed) by cluster_level
             for i, k in enumerate(ks):
                 number = i + 1
                 level_fp = _hash(fp, number)
@@ -299,7 +403,8 @@ class _Run:
                     level = hierarchy.cluster_level(
                         level_input, k, n_iters=o.n_iters, resample_steps=steps[i], sample_size=size,
                         n_splits=o.n_splits if number == 1 else 1, precision=o.precision, device=o.device,
-                        rng=np.random.default_rng([o.random_seed, number]), log=self.log)
+                        rng=np.random.default_rng([o.random_seed, number]), log=self.log, progress=self.progress,
+                        memory_budget=o.memory_mb << 20, engine=self.engine)
                     save_npy(folder / f"level{number}.npy", level.labels.astype(np.int32))
                     save_npy(folder / f"centroids_level{number}.npy", level.centroids)
                     save_npy(folder / f"sqdist_level{number}.npy", level.sqdist)
@@ -356,12 +461,13 @@ class _Run:
         fp, record = self._step("retrieve", params)
         folder = self.out / "retrieval"
         if record is None:
-            pool_vectors = self.pool.vectors[survivors]
+            pool_vectors = self.pool.vectors.subset(survivors)
             for number, seed in enumerate(seed_sets):
                 mode = retrieval.choose_mode(o.retrieval, len(seed))
                 self.log(f"retrieve {seed.name}: {mode}-based from {len(seed):,} seed images")
                 if mode == "sample":
-                    got = retrieval.sample_based(pool_vectors, seed.vectors, o.per_seed, seed.name, o.exact_max)
+                    got = retrieval.sample_based(pool_vectors, seed.vectors, o.per_seed, seed.name, o.exact_max,
+                                                 progress=self.progress, engine=self.engine)
                 else:
                     got = retrieval.cluster_based(levels[0].labels, levels[0].centroids, seed.vectors,
                                                   min_seed_hits=o.min_seed_hits, per_cluster=o.per_cluster,
@@ -391,15 +497,18 @@ def _write_groups(path: Path, pool: inputs.EmbeddingSet, result: dedup_stage.Ded
     kept = np.zeros(len(result.component), dtype=np.int64)
     kept[result.component[result.keep]] = np.flatnonzero(result.keep)
     names = pool.names()
+    keepers = kept[result.component[rows]]
+    similarity = np.empty(len(rows), dtype=np.float32)
+    for s in range(0, len(rows), 65_536):  # read in batches: the pool stays on disk
+        similarity[s:s + 65_536] = np.einsum("ij,ij->i", pool.vectors[rows[s:s + 65_536]],
+                                             pool.vectors[keepers[s:s + 65_536]])
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["component", "row", "path", "keep", "similarity"])
-            for r in rows:
-                keeper = kept[result.component[r]]
-                sim = float(pool.vectors[r] @ pool.vectors[keeper])
-                writer.writerow([int(result.component[r]), int(r), names[r], int(result.keep[r]), round(sim, 6)])
+            for r, sim in zip(rows.tolist(), similarity.tolist()):
+                writer.writerow([int(result.component[r]), r, names[r], int(result.keep[r]), round(sim, 6)])
     atomic.atomic_write(path, write)
 
 

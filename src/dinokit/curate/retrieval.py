@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from dinokit.curate import knn
+from dinokit.curate.engine import LOCAL
 from dinokit.curate.kmeans import assign
+from dinokit.curate.progress import Silent
 
 SAMPLE_BASED_ABOVE = 1_000_000
 MODES = ("auto", "sample", "cluster")
@@ -37,10 +39,11 @@ class Retrieved:
         return int(self.times.sum() - len(self.rows))
 
 
-def sample_based(pool: np.ndarray, seeds: np.ndarray, per_seed: int, name: str = "seed",
-                 exact_max: int = knn.EXACT_MAX) -> Retrieved:
+def sample_based(pool, seeds, per_seed: int, name: str = "seed", exact_max: int = knn.EXACT_MAX,
+                 progress=Silent, engine=LOCAL) -> Retrieved:
+    """`pool` and `seeds`: unit rows, arrays or `inputs.Vectors` (read batch by batch)."""
     per_seed = min(per_seed, len(pool))
-    _, ids = knn.search(knn.build_index(pool, exact_max), seeds, per_seed)
+    _, ids = knn.search(knn.build_index(pool, exact_max), seeds, per_seed, progress=progress, engine=engine)
     ids = ids[ids >= 0]
     rows, times = np.unique(ids, return_counts=True)
     return Retrieved(name, "sample", rows, times, per_seed * len(seeds))

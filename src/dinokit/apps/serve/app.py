@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dinokit.apps.serve.batching import DynamicBatcher
 from dinokit.apps.serve.budget import RequestBudget, budget_of, timeout_message
+from dinokit.apps.serve.clusters import CurateClusters
 from dinokit.apps.serve.collection import Collection, UnknownImage
 from dinokit.apps.serve.lanes import Lane, LaneFull, WorkStopped
 from dinokit.apps.serve.uploads import BadImage, decode_upload
@@ -139,9 +140,11 @@ def _int_field(value, name: str, default: int | None, low: int, high: int) -> in
 
 def create_app(collection: Collection, *, max_batch: int = 32, max_wait_ms: float = 5.0,
                max_upload_mb: float = 20.0, request_timeout: float | None = REQUEST_TIMEOUT,
-               heavy_queue: int = HEAVY_QUEUE, absolute_paths: bool = False) -> FastAPI:
+               heavy_queue: int = HEAVY_QUEUE, absolute_paths: bool = False,
+               clusters: CurateClusters | None = None) -> FastAPI:
     """The app serving `collection`. request_timeout: seconds of work per request (None or 0: no limit);
-    heavy_queue: PCA pictures and duplicate groupings admitted at once; absolute_paths: show stored paths."""
+    heavy_queue: PCA pictures and duplicate groupings admitted at once; absolute_paths: show stored paths;
+    clusters: a `dinokit curate` output over this collection, shown in the Clusters tab."""
     if request_timeout is not None and request_timeout < 0:
         raise ValueError(f"--request-timeout must be positive (0: no limit), got {request_timeout}")
     batcher = DynamicBatcher(collection.embed_batch, max_batch=max_batch, max_wait_ms=max_wait_ms)
@@ -224,7 +227,8 @@ def create_app(collection: Collection, *, max_batch: int = 32, max_wait_ms: floa
                 "request_timeout": app.request_timeout,
                 "requests_timed_out": budget.counts["timed_out"] if budget else 0,
                 "requests_abandoned": budget.counts["disconnected"] if budget else 0,
-                "lanes": {"model": batcher.lane.stats(), "heavy": heavy.stats(), "decode": decoder.stats()}}
+                "lanes": {"model": batcher.lane.stats(), "heavy": heavy.stats(), "decode": decoder.stats()},
+                "curate": clusters.summary() if clusters else None}
 
     def model_name():
         return collection.model_spec if absolute_paths else collection.model_name
@@ -300,6 +304,46 @@ def create_app(collection: Collection, *, max_batch: int = 32, max_wait_ms: floa
                 "num_duplicates": sum(len(others) for _, others in groups),
                 "groups": [{"keep": describe(keep, 1.0), "duplicates": [describe(i, score) for i, score in others]}
                            for keep, others in groups]}
+
+    def curated() -> CurateClusters:
+        if clusters is None:
+            raise HTTPException(404, "no curation to show: start `dinokit serve` with --curate OUT, the output "
+                                     "folder of `dinokit curate` over this collection")
+        return clusters
+
+    def member(image_id: int, distance: float) -> dict:
+        return {**describe(int(image_id)), "selected": int(clusters.times[image_id]),
+                "distance": round(float(distance), 6)}
+
+    @app.get("/api/clusters", summary="the clusters of one level of the curate output, largest first")
+    async def cluster_list(level: int = Query(1, ge=1, description="1 = the finest level"),
+                           offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=MAX_K),
+                           per_cluster: int = Query(8, ge=0, le=100,
+                                                    description="images shown per cluster, closest first")):
+        view = curated()
+        try:
+            listed = view.clusters(level)
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+        page = listed[offset:offset + limit]
+        for entry in page:
+            ids, distances = view.members(level, entry["id"])
+            entry["members"] = [member(i, d) for i, d in zip(ids[:per_cluster], distances[:per_cluster])]
+        return {**view.summary(), "level": level, "num_clusters": len(listed), "offset": offset,
+                "clusters": page}
+
+    @app.get("/api/clusters/{level}/{cluster_id}", summary="the images of one cluster, closest to its centroid first")
+    async def cluster_members(level: int, cluster_id: int, offset: int = Query(0, ge=0),
+                              limit: int = Query(200, ge=1, le=MAX_K)):
+        view = curated()
+        try:
+            ids, distances = view.members(level, cluster_id)
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+        chosen = slice(offset, offset + limit)
+        return {"level": level, "id": cluster_id, "images": len(ids),
+                "selected": int((view.times[ids] > 0).sum()), "offset": offset,
+                "members": [member(i, d) for i, d in zip(ids[chosen], distances[chosen])]}
 
     def pca_of(data: bytes) -> bytes:  # one heavy-lane job: decoding, the model and the PNG
         return collection.pca_png(decode_upload(data))

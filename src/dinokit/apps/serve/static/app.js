@@ -38,7 +38,12 @@ function card(item, { onClick, keep = false } = {}) {
   meta.className = "meta";
   const score = document.createElement("div");
   score.className = "score";
-  score.textContent = keep ? "kept" : item.score.toFixed(4);
+  if (item.selected !== undefined) {
+    li.classList.toggle("selected", item.selected > 0);
+    score.textContent = item.selected > 0 ? `selected${item.selected > 1 ? ` ×${item.selected}` : ""}` : "not selected";
+  } else {
+    score.textContent = keep ? "kept" : item.score.toFixed(4);
+  }
   const name = document.createElement("div");
   name.className = "name";
   name.textContent = basename(item.path);
@@ -141,8 +146,71 @@ async function findDuplicates(event) {
   }
 }
 
+const CLUSTER_PAGE = 24;
+let clusterOffset = 0;
+
+function clusterBox(level, cluster) {
+  const box = document.createElement("div");
+  box.className = "group cluster";
+  box.dataset.id = cluster.id;
+  const title = document.createElement("h2");
+  title.textContent = `cluster ${cluster.id}: ${cluster.images} image(s), ${cluster.selected} selected`;
+  const list = document.createElement("ol");
+  list.className = "grid";
+  list.append(...cluster.members.map((m) => card(m, { onClick: searchById })));
+  box.append(title, list);
+  if (cluster.images > cluster.members.length) {
+    const all = document.createElement("button");
+    all.type = "button";
+    all.textContent = `Show all ${cluster.images}`;
+    all.addEventListener("click", async () => {
+      try {
+        const data = await (await api(`/api/clusters/${level}/${cluster.id}?limit=1000`)).json();
+        list.replaceChildren(...data.members.map((m) => card(m, { onClick: searchById })));
+        all.remove();
+      } catch (e) {
+        setStatus($("cluster-status"), e.message, true);
+      }
+    });
+    box.append(all);
+  }
+  return box;
+}
+
+async function loadClusters(more = false) {
+  const level = $("cluster-level").value || "1";
+  if (!more) clusterOffset = 0;
+  setStatus($("cluster-status"), "loading…");
+  try {
+    const data = await (await api(
+      `/api/clusters?level=${encodeURIComponent(level)}&offset=${clusterOffset}&limit=${CLUSTER_PAGE}`)).json();
+    const boxes = data.clusters.map((c) => clusterBox(level, c));
+    if (more) $("clusters").append(...boxes); else $("clusters").replaceChildren(...boxes);
+    clusterOffset += data.clusters.length;
+    $("more-clusters").hidden = clusterOffset >= data.num_clusters;
+    setStatus($("cluster-status"), `level ${data.level}: ${data.num_clusters} clusters, largest first ` +
+      `(${clusterOffset} shown); images framed in green were selected`);
+  } catch (e) {
+    setStatus($("cluster-status"), e.message, true);
+  }
+}
+
+function setupClusters(curate) {
+  if (!curate) return;
+  $("tab-clusters").hidden = false;
+  const select = $("cluster-level");
+  select.replaceChildren(...curate.levels.map((k, i) => {
+    const option = document.createElement("option");
+    option.value = String(i + 1);
+    option.textContent = `${i + 1} (${k} clusters)`;
+    return option;
+  }));
+  $("cluster-summary").textContent =
+    `${curate.output}: ${curate.clustered.toLocaleString()} images clustered, ${curate.selected.toLocaleString()} selected`;
+}
+
 function showTab(name) {
-  for (const tab of ["search", "duplicates"]) {
+  for (const tab of ["search", "duplicates", "clusters"]) {
     const active = tab === name;
     $(`${tab}-view`).hidden = !active;
     $(`tab-${tab}`).classList.toggle("active", active);
@@ -161,6 +229,13 @@ async function init() {
   $("tab-search").addEventListener("click", () => showTab("search"));
   $("tab-duplicates").addEventListener("click", () => showTab("duplicates"));
   $("dup-form").addEventListener("submit", findDuplicates);
+  $("tab-clusters").addEventListener("click", () => {
+    showTab("clusters");
+    if (!$("clusters").children.length) loadClusters();
+  });
+  $("cluster-level").addEventListener("change", () => loadClusters());
+  $("cluster-form").addEventListener("submit", (e) => { e.preventDefault(); loadClusters(); });
+  $("more-clusters").addEventListener("click", () => loadClusters(true));
   $("file").addEventListener("change", (e) => searchUpload(e.target.files[0]));
 
   const drop = $("drop");
@@ -184,6 +259,7 @@ async function init() {
     const info = await (await api("/api/health")).json();
     $("collection").textContent =
       `${info.images.toLocaleString()} images · ${info.dim}-d ${info.pooling} · ${info.model || "model"} · index: ${info.index}`;
+    setupClusters(info.curate);
   } catch (e) {
     setStatus($("collection"), `server unavailable: ${e.message}`, true);
   }
