@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 RUNNABLE = {"bash": "bash", "sh": "bash", "shell": "bash", "console": "bash", "python": "python", "py": "python"}
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip:\s*(?P<reason>.+?)\s*-->")
-HUB_ID = re.compile(r"\bfacebook/dinov2-[a-z0-9-]+\b")
+HUB_ID = re.compile(r"\bfacebook/dinov[23]-[a-z0-9-]+\b")
 TIMEOUT = 240  # per block: a hang guard, not a speed bound (each block takes seconds)
 
 
@@ -109,17 +109,29 @@ def test_every_block_is_run_or_skipped_with_a_reason():
 def _stand_in(hub_id: str, folder: Path) -> None:
     """A tiny random model saved under the layout of `hub_id`, with its preprocessor config."""
     from dinokit import Dinov2Config, Dinov2Model
-    from dinokit.processing import Dinov2ImageProcessor
+    from dinokit.processing import Dinov2ImageProcessor, DINOv3ViTImageProcessor
 
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14)
-    if "with-registers" in hub_id:
+    processor = Dinov2ImageProcessor()
+    if "dinov3-convnext" in hub_id:
+        from dinokit.models.dinov3_convnext import DINOv3ConvNextConfig, DINOv3ConvNextModel
+
+        model = DINOv3ConvNextModel(DINOv3ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32]))
+        processor = DINOv3ViTImageProcessor()
+    elif "dinov3-vit" in hub_id:
+        from dinokit.models.dinov3_vit import DINOv3ViTConfig, DINOv3ViTModel
+
+        model = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=64, patch_size=16))
+        processor = DINOv3ViTImageProcessor()
+    elif "with-registers" in hub_id:
         from dinokit import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **small))
     else:
         model = Dinov2Model(Dinov2Config(**small))
     model.save_pretrained(folder)
-    Dinov2ImageProcessor().save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 def _hub_cache(root: Path, hub_ids: set[str]) -> Path:
