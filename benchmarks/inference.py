@@ -3,24 +3,31 @@
     .venv/bin/python benchmarks/inference.py                       # ViT-S/14 and ViT-B/14, fp32, every backend
     .venv/bin/python benchmarks/inference.py --backends torch --no-memory   # the default path vs the peers only
     .venv/bin/python benchmarks/inference.py --models vits14 --rounds 3 --no-compile   # quick look
+    .venv/bin/python benchmarks/inference.py --models dinov3_vits16 dinov3_vitb16 --no-compile   # DINOv3 rows
     .venv/bin/python benchmarks/inference.py --summarize run1.json run2.json run3.json  # the runs side by side
 
 This is the one CPU inference benchmark (it replaced core_throughput.py, whose back-to-back calls without
-pauses and different thread handling gave other ratios). For each model and setting (224x224 batch 8, 518x518
-batch 1 and batch 8) the implementations run interleaved: each round
+pauses and different thread handling gave other ratios). For each model and setting (DINOv2: 224x224 batch 8,
+518x518 batch 1 and batch 8; DINOv3, patch 16: 224x224 batch 8 and 512x512 batch 1) the implementations run
+interleaved: each round
 times one call of every implementation in turn (after one warm-up call each, and a short pause between calls so
 spinning worker threads of the previous one go idle). Reported: median img/s over rounds; for each dinokit
 backend the min / median / max over rounds of its per-round speed ratio to the faster peer (transformers or
 timm, whichever has the higher median), so the spread of the lead is visible, never one best figure;
 max |Δ| of last_hidden_state and min CLS cosine against dinokit's eager torch output on the same input, and peak
 memory of one forward (RSS high-water mark above the loaded model, measured in a fresh subprocess per cell;
-"n/a" for torch.compile, whose compilation would dominate it).
+"n/a" for torch.compile, whose compilation would dominate it). The CPU model, its vector ISA and the thread count
+are printed first and stored in the JSON (`machine`).
 
 Same weights everywhere: a random dinokit model (Meta init) -> `save_pretrained` -> transformers
 `Dinov2Model.from_pretrained`; `checkpoints.meta_to_timm` -> timm `load_state_dict` (timm created with
 `dynamic_img_size=True`, its position resampling switched to bicubic without antialias, which is the
-interpolation of transformers' Dinov2Model and of dinokit's default config). With a GPU, a CUDA section compares
-dinokit and timm in bf16 at 518x518, batch 64.
+interpolation of transformers' Dinov2Model and of dinokit's default config). DINOv3 (`dinov3_vits16`,
+`dinov3_vitb16`): the random dinokit preset model -> `save_pretrained` -> transformers
+`DINOv3ViTModel.from_pretrained` (SDPA); `checkpoints_dinov3.from_normal(..., "timm")` -> timm
+`vit_*_patch16_dinov3_qkvb` (RoPE on any grid, no resampling). The preset uses float32 RoPE periods, the ones
+transformers and timm recompute, so all three compute the same function. With a GPU, a CUDA section compares
+dinokit and timm in bf16 at 518x518 (DINOv3: 512x512), batch 64.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import functools
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -44,9 +52,35 @@ from dinokit.backends import BACKENDS
 warnings.filterwarnings("ignore")
 
 SETTINGS = [(224, 8), (518, 1), (518, 8)]
+DINOV3_SETTINGS = [(224, 8), (512, 1)]  # patch 16: 518 is not a multiple of it (timm refuses such sizes)
 TIMM_NAMES = {"vits14": "vit_small_patch14_dinov2", "vitb14": "vit_base_patch14_dinov2",
-              "vitl14": "vit_large_patch14_dinov2"}
+              "vitl14": "vit_large_patch14_dinov2",
+              "dinov3_vits16": "vit_small_patch16_dinov3_qkvb", "dinov3_vitb16": "vit_base_patch16_dinov3_qkvb"}
 PAUSE = 0.3  # seconds between timed calls
+
+
+def cpu_description() -> str:
+    """CPU model, the vector ISA extensions that decide CPU kernels, and the thread count torch uses."""
+    model, flags = "", ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1]
+    except OSError:
+        model = platform.processor()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f" {f}" in f" {flags}"]
+    return (f"{model or platform.machine()}; ISA {'+'.join(isa) or '?'}; {os.cpu_count()} logical CPUs, "
+            f"torch threads {torch.get_num_threads()}")
+
+
+def is_dinov3(preset: str) -> bool:
+    return preset.startswith("dinov3_")
+
+
+def patch_size(preset: str) -> int:
+    return 16 if is_dinov3(preset) else 14
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -57,15 +91,27 @@ def dinokit_model(preset: str, seed: int = 0):
     return dinokit.load_model(preset).eval()
 
 
-def transformers_model(weights_dir: Path):
-    from transformers import Dinov2Model
+def transformers_model(preset: str, weights_dir: Path):
+    from transformers import Dinov2Model, DINOv3ViTModel
 
-    return Dinov2Model.from_pretrained(weights_dir, attn_implementation="sdpa").eval()
+    cls = DINOv3ViTModel if is_dinov3(preset) else Dinov2Model
+    return cls.from_pretrained(weights_dir, attn_implementation="sdpa").eval()
 
 
 def timm_model(preset: str, model, **overrides):
-    """timm's DINOv2 ViT for `preset` with `model`'s weights; `overrides` (e.g. depth=2) go to timm.create_model."""
+    """timm's ViT for `preset` with `model`'s weights; `overrides` (e.g. depth=2) go to timm.create_model."""
     import timm
+
+    if is_dinov3(preset):
+        from dinokit.checkpoints_dinov3 import from_normal
+
+        # timm recomputes the RoPE periods in float32; Meta-file (bf16) periods would be a different function.
+        if model.config.rope_periods != "fp32":
+            raise ValueError(f"timm computes float32 RoPE periods; {preset} has {model.config.rope_periods!r}")
+        net = timm.create_model(TIMM_NAMES[preset], pretrained=False, num_classes=0, **overrides)
+        backbone, _ = model.meta_state_dict()
+        net.load_state_dict(from_normal(backbone, "timm"), strict=True)
+        return net.eval()
     import timm.models.vision_transformer as timm_vit
     from timm.layers import resample_abs_pos_embed
 
@@ -90,7 +136,7 @@ def implementations(preset: str, model, weights_dir: Path, onnx_dir: Path, backe
         options = {"onnx_path": onnx_path} if name.startswith("onnxruntime") else {}
         backend = get_backend(model, name, **options)
         impls[f"dinokit {name}"] = lambda x, b=backend: b(x).last_hidden_state
-    hf = transformers_model(weights_dir)
+    hf = transformers_model(preset, weights_dir)
     impls["transformers (sdpa)"] = lambda x: hf(pixel_values=x).last_hidden_state
     net = timm_model(preset, model)
     impls["timm"] = lambda x: net.forward_features(x)
@@ -171,7 +217,7 @@ def implementations_for_memory(name: str, preset: str, model, weights_dir: Path,
         backend = get_backend(model, backend_name, **options)
         return lambda x: backend(x).last_hidden_state
     if name.startswith("transformers"):
-        hf = transformers_model(weights_dir)
+        hf = transformers_model(preset, weights_dir)
         return lambda x: hf(pixel_values=x).last_hidden_state
     net = timm_model(preset, model)
     return net.forward_features
@@ -197,13 +243,14 @@ def cuda_section(presets: list[str], rounds: int) -> list[dict]:
     from dinokit.backends import get_backend
 
     rows = []
-    for preset in presets:
+    for preset in presets:  # DINOv3 at 512x512 (patch 16)
         model = dinokit_model(preset)
         net = timm_model(preset, model).cuda().to(torch.bfloat16)
         model = model.cuda().to(torch.bfloat16)
         impls = {"dinokit torch": get_backend(model, "torch"), "dinokit compile": get_backend(model, "compile"),
                  "timm": net.forward_features}
-        pixels = torch.randn(64, 3, 518, 518, device="cuda", dtype=torch.bfloat16)
+        side = 512 if is_dinov3(preset) else 518
+        pixels = torch.randn(64, 3, side, side, device="cuda", dtype=torch.bfloat16)
         for name, fn in impls.items():
             with torch.inference_mode():
                 fn(pixels)
@@ -226,8 +273,11 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="dinokit-bench-"))
-    results = {"threads": args.threads, "rounds": args.rounds, "torch": torch.__version__, "cells": [],
-               "settings": args.settings}
+    machine = cpu_description()
+    print(f"machine: {machine}; torch {torch.__version__}", flush=True)
+    all_settings = list(dict.fromkeys(s for preset in args.models for s in settings_for(preset, args.settings)))
+    results = {"threads": args.threads, "rounds": args.rounds, "torch": torch.__version__, "machine": machine,
+               "cells": [], "settings": all_settings}
     for preset in args.models:
         model = dinokit_model(preset)
         weights_dir = work / preset
@@ -237,7 +287,7 @@ def run(args) -> dict:
             export_onnx(model, work / f"{preset}.onnx")
             print(f"[{preset}] ONNX export + check {time.perf_counter() - started:.0f} s", flush=True)
         impls = implementations(preset, model, weights_dir, work, args.backends)
-        for size, batch in args.settings:
+        for size, batch in settings_for(preset, args.settings):
             pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size))
             started = time.perf_counter()
             times = time_interleaved(impls, pixels, args.rounds)
@@ -257,6 +307,13 @@ def run(args) -> dict:
     if torch.cuda.is_available():
         results["cuda"] = cuda_section(args.models, args.rounds)
     return results
+
+
+def settings_for(preset: str, settings: list[tuple[int, int]] | None) -> list[tuple[int, int]]:
+    """The (size, batch) settings of `preset`: the given ones, else its family's defaults."""
+    if settings is None:
+        return DINOV3_SETTINGS if is_dinov3(preset) else SETTINGS
+    return settings
 
 
 def print_tables(results: dict) -> None:
@@ -294,6 +351,9 @@ def summarize(paths: list[str]) -> str:
     impls = list(dict.fromkeys(c["impl"] for run in runs for c in run["cells"]))
     header = " | ".join(f"run {i + 1}" for i in range(len(runs)))
     lines = [f"Runs: {', '.join(paths)} ({runs[0]['threads']} threads, {runs[0]['rounds']} interleaved rounds each)"]
+    machines = list(dict.fromkeys(run["machine"] for run in runs if run.get("machine")))
+    if machines:
+        lines.append(f"Machine: {' / '.join(machines)}")
 
     def cell(run, key, impl):
         return next((c for c in run["cells"] if (c["model"], c["size"], c["batch"]) == key and c["impl"] == impl),
@@ -328,7 +388,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--backends", nargs="+", default=None, choices=BACKENDS, help="dinokit backends to time (default: all; --no-compile drops compile)")
     parser.add_argument("--settings", nargs="+", default=None, metavar="SIZExBATCH",
-                        help="input sizes and batch sizes, e.g. 224x8 518x1 (default: 224x8 518x1 518x8)")
+                        help="input sizes and batch sizes, e.g. 224x8 518x1 (default: 224x8 518x1 518x8 for "
+                             "DINOv2, 224x8 512x1 for DINOv3); sizes must be multiples of each model's patch size")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -349,7 +410,16 @@ def main() -> None:
         print(summarize(args.summarize))
         return
     args.backends = args.backends or [b for b in BACKENDS if args.compile or b != "compile"]
-    args.settings = [tuple(int(v) for v in s.split("x")) for s in args.settings] if args.settings else SETTINGS
+    if args.settings:
+        try:
+            args.settings = [tuple(int(v) for v in s.split("x")) for s in args.settings]
+        except ValueError:
+            parser.error(f"--settings takes SIZExBATCH values such as 224x8, got {' '.join(args.settings)}")
+        for preset in args.models:
+            wrong = [size for size, _ in args.settings if size % patch_size(preset)]
+            if wrong:
+                parser.error(f"{preset} has patch size {patch_size(preset)}: sizes {wrong} are not multiples of it "
+                             f"(timm refuses them); use e.g. {patch_size(preset) * 16} or 224")
     results = run(args)
     print_tables(results)
     if args.json:
