@@ -13,27 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import threading
 import time
 
 import numpy as np
+from machine import cpu_description
 
 from dinokit.curate import dedup, hierarchy, sampling
-
-
-def cpu_description() -> str:
-    model, flags = "", ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1]
-    except OSError:
-        model = platform.processor()
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f" {f}" in f" {flags}"]
-    return f"{model or platform.machine()}; ISA {'+'.join(isa) or '?'}; {os.cpu_count()} threads"
 
 
 class PeakRSS:

@@ -36,7 +36,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from machine import cpu_description
 
 from dinokit.backends import BACKENDS
 
@@ -57,22 +57,6 @@ TIMM_NAMES = {"vits14": "vit_small_patch14_dinov2", "vitb14": "vit_base_patch14_
               "vitl14": "vit_large_patch14_dinov2",
               "dinov3_vits16": "vit_small_patch16_dinov3_qkvb", "dinov3_vitb16": "vit_base_patch16_dinov3_qkvb"}
 PAUSE = 0.3  # seconds between timed calls
-
-
-def cpu_description() -> str:
-    """CPU model, the vector ISA extensions that decide CPU kernels, and the thread count torch uses."""
-    model, flags = "", ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1]
-    except OSError:
-        model = platform.processor()
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f" {f}" in f" {flags}"]
-    return (f"{model or platform.machine()}; ISA {'+'.join(isa) or '?'}; {os.cpu_count()} logical CPUs, "
-            f"torch threads {torch.get_num_threads()}")
 
 
 def is_dinov3(preset: str) -> bool:
