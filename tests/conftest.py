@@ -23,3 +23,15 @@ def require_dataset(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"dataset {path} is not available (expected ../shared/datasets beside the repository)")
     return path
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray cluster for one test module, small: 2 CPUs, an 80 MB object store."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from tests (CI has no network)
+    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield
+    ray.shutdown()

@@ -3,7 +3,6 @@ the local engine's results, file for file."""
 
 from __future__ import annotations
 
-import os
 import pickle
 
 import numpy as np
@@ -17,14 +16,7 @@ pytest.importorskip("faiss")
 pytest.importorskip("pyarrow")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    """A real local cluster, small: 2 CPUs, an 80 MB object store."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from tests (CI has no network)
-    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def test_vectors_travel_as_file_references_and_read_the_same_rows(tmp_path):

@@ -28,14 +28,7 @@ SIZE = 28
 ACTOR_TITLE = b"MapWorker(MapBatches(Embedder))"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    """A real local cluster, small: 2 CPUs (1 decoding task + 1 model actor), a 80 MB object store."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from tests (CI has no network)
-    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # 2 CPUs: 1 decoding task + 1 model actor
 
 
 @pytest.fixture(scope="module")
