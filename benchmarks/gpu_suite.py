@@ -151,11 +151,12 @@ def make_model(preset: str, plan: Plan):
     return dinokit.Dinov2Model(type(config).from_dict({**data, **plan.model_overrides})).eval()
 
 
-def hf_copy(model, workdir: Path):
-    """transformers' Dinov2Model (SDPA) with `model`'s weights, through save_pretrained / from_pretrained."""
+def hf_copy(preset: str, model, workdir: Path):
+    """transformers' model class for `preset` (SDPA) with `model`'s weights, through save_pretrained /
+    from_pretrained."""
     folder = Path(tempfile.mkdtemp(dir=workdir))
     model.save_pretrained(folder)
-    hf = transformers_model(folder)
+    hf = transformers_model(preset, folder)
     shutil.rmtree(folder, ignore_errors=True)
     return hf
 
@@ -177,7 +178,7 @@ def section_parity(plan: Plan, clock: Clock, workdir: Path, args) -> dict:
 def parity_row(preset: str, size: int, batch: int, plan: Plan, workdir: Path) -> dict:
     device = plan.device
     model = make_model(preset, plan)
-    hf = hf_copy(model, workdir).to(device)
+    hf = hf_copy(preset, model, workdir).to(device)
     model = model.to(device)
     # Copied outside inference mode: parameters made inside it are inference tensors, which dinokit's position
     # grid cache cannot key on (no version counter).
@@ -205,7 +206,7 @@ def implementations(preset: str, plan: Plan, workdir: Path) -> dict:
 
     device, dtype = plan.device, torch.bfloat16
     model = make_model(preset, plan)
-    hf = hf_copy(model, workdir).to(device, dtype)
+    hf = hf_copy(preset, model, workdir).to(device, dtype)
     net = timm_model(preset, model, **plan.timm_overrides).to(device, dtype)
     model = model.to(device, dtype)
     eager = get_backend(model, "torch")
