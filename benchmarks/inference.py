@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/inference.py --models vits14 --rounds 3 --no-compile   # quick look
     .venv/bin/python benchmarks/inference.py --models dinov3_vits16 dinov3_vitb16 --no-compile   # DINOv3 rows
     .venv/bin/python benchmarks/inference.py --summarize run1.json run2.json run3.json  # the runs side by side
+    .venv/bin/python benchmarks/inference.py --backends torch --kernels mkl onednn mkl-packed --no-memory
+        # the measured kernel choice (`dinokit torch`) beside each GEMM kernel pinned (`dinokit torch[mkl]`, ...)
 
 This is the one CPU inference benchmark (it replaced core_throughput.py, whose back-to-back calls without
 pauses and different thread handling gave other ratios). For each model and setting (DINOv2: 224x224 batch 8,
@@ -110,8 +112,10 @@ def timm_model(preset: str, model, **overrides):
     return net.eval()
 
 
-def implementations(preset: str, model, weights_dir: Path, onnx_dir: Path, backends: list[str]) -> dict:
-    """name -> callable(pixels) -> last_hidden_state (torch tensor)."""
+def implementations(preset: str, model, weights_dir: Path, onnx_dir: Path, backends: list[str],
+                    kernels: list[str] = ()) -> dict:
+    """name -> callable(pixels) -> last_hidden_state (torch tensor); `kernels`: the torch backend again with each
+    of these GEMM kernels pinned instead of chosen by measurement."""
     from dinokit.backends import get_backend
 
     onnx_path = onnx_dir / f"{preset}.onnx"
@@ -120,11 +124,46 @@ def implementations(preset: str, model, weights_dir: Path, onnx_dir: Path, backe
         options = {"onnx_path": onnx_path} if name.startswith("onnxruntime") else {}
         backend = get_backend(model, name, **options)
         impls[f"dinokit {name}"] = lambda x, b=backend: b(x).last_hidden_state
+    for kernel in kernels:
+        impls[f"dinokit torch[{kernel}]"] = functools.partial(pinned_call, get_backend(model, "torch"), kernel)
     hf = transformers_model(preset, weights_dir)
     impls["transformers (sdpa)"] = lambda x: hf(pixel_values=x).last_hidden_state
     net = timm_model(preset, model)
     impls["timm"] = lambda x: net.forward_features(x)
     return impls
+
+
+def pinned_call(backend, kernel: str, x: torch.Tensor) -> torch.Tensor:
+    from dinokit.layers import linear
+
+    before = linear._pinned_gemm
+    linear.set_gemm(kernel)
+    try:
+        return backend(x).last_hidden_state
+    finally:
+        linear.set_gemm(before)
+
+
+@torch.inference_mode()
+def choice_cost(model, pixels: torch.Tensor) -> dict:
+    """Seconds of the first call with no kernel decision known (it measures) and of the second (it does not)."""
+    from dinokit.layers import kernel_choice
+
+    saved = os.environ.get("DINOKIT_KERNEL_CACHE")
+    os.environ["DINOKIT_KERNEL_CACHE"] = "0"
+    kernel_choice.forget()
+    try:
+        calls = []
+        for _ in range(2):
+            started = time.perf_counter()
+            model(pixels)
+            calls.append(time.perf_counter() - started)
+    finally:
+        if saved is None:
+            os.environ.pop("DINOKIT_KERNEL_CACHE")
+        else:
+            os.environ["DINOKIT_KERNEL_CACHE"] = saved
+    return {"first_call_s": calls[0], "second_call_s": calls[1]}
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -270,9 +309,14 @@ def run(args) -> dict:
             started = time.perf_counter()
             export_onnx(model, work / f"{preset}.onnx")
             print(f"[{preset}] ONNX export + check {time.perf_counter() - started:.0f} s", flush=True)
-        impls = implementations(preset, model, weights_dir, work, args.backends)
+        impls = implementations(preset, model, weights_dir, work, args.backends, args.kernels)
         for size, batch in settings_for(preset, args.settings):
             pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size))
+            cost = choice_cost(model, pixels)
+            print(f"[{preset}] {size}x{size} batch {batch}: first call {cost['first_call_s']:.2f} s with the "
+                  f"kernel choice measured, second {cost['second_call_s']:.2f} s", flush=True)
+            results.setdefault("kernel_choice_cost", []).append({"model": preset, "size": size, "batch": batch,
+                                                                  **cost})
             started = time.perf_counter()
             times = time_interleaved(impls, pixels, args.rounds)
             diffs = distances(impls, pixels)
@@ -280,14 +324,17 @@ def run(args) -> dict:
                   flush=True)
             spreads = ratio_spreads(times)
             for name in impls:
-                memory = peak_memory(name, preset, size, batch, weights_dir, work, args.threads) if args.memory \
-                    else None
+                memory = peak_memory(name, preset, size, batch, weights_dir, work, args.threads) \
+                    if args.memory and "[" not in name else None  # pinned kernels: timing only
                 results["cells"].append({
                     "model": preset, "size": size, "batch": batch, "impl": name,
                     "img_s": batch / statistics.median(times[name]), "times": times[name],
                     "max_abs_diff": diffs[name][0], "min_cls_cosine": diffs[name][1], "peak_mib": memory,
                     "ratio_to_peer": spreads[name]})
         del impls
+    from dinokit.layers import kernel_choice
+
+    results["kernel_choices"] = {key.split(" :: ", 1)[1]: value for key, value in kernel_choice.decisions().items()}
     if torch.cuda.is_available():
         results["cuda"] = cuda_section(args.models, args.rounds)
     return results
@@ -319,6 +366,12 @@ def print_tables(results: dict) -> None:
                 lo, mid, hi = c["ratio_to_peer"]
                 print(f"| {c['impl']} | {c['img_s']:.2f} | {c['img_s'] / base:.2f}x | {mid:.2f}x ({lo:.2f}-{hi:.2f}) "
                       f"| {memory} | {c['max_abs_diff']:.1e} | {c['min_cls_cosine']:.4f} |")
+    if results.get("kernel_choices"):
+        print("\nKernel choices measured in this run (median ms per candidate; the plain kernel wins ties within "
+              "the margin)\n\n| kind:rows:in:out:epilogue | chosen | ms per candidate |\n|---|---|---|")
+        for key, made in sorted(results["kernel_choices"].items()):
+            times = ", ".join(f"{name} {ms:.2f}" for name, ms in made["ms"].items())
+            print(f"| {key} | {made['choice']} | {times} |")
     if results.get("cuda"):
         print("\nCUDA, bf16, 518x518, batch 64\n\n| model | implementation | img/s | peak MiB |\n|---|---|---|---|")
         for row in results["cuda"]:
@@ -374,6 +427,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=None, metavar="SIZExBATCH",
                         help="input sizes and batch sizes, e.g. 224x8 518x1 (default: 224x8 518x1 518x8 for "
                              "DINOv2, 224x8 512x1 for DINOv3); sizes must be multiples of each model's patch size")
+    parser.add_argument("--kernels", nargs="*", default=[], choices=["mkl", "onednn", "mkl-packed"],
+                        help="also time the torch backend with each of these GEMM kernels pinned")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
     parser.add_argument("--json", default=None, help="also write the results here")

@@ -9,6 +9,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
 
+# Kernel decisions (dinokit.layers.kernel_choice) stay in each test process: none read from or left in ~/.cache.
+os.environ.setdefault("DINOKIT_KERNEL_CACHE", "0")
+
 # Two cores: keep torch from oversubscribing when several test processes run.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

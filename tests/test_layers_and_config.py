@@ -125,10 +125,11 @@ def test_cpu_inference_splits_large_batches_into_token_chunks_with_the_same_resu
     assert max_diff(split, whole) < 1e-5
 
 
-def test_packed_onednn_weights_follow_in_place_changes_and_reloads(monkeypatch):
+@pytest.mark.parametrize("kernel", ["onednn", "mkl-packed"])
+def test_packed_weights_follow_in_place_changes_and_reloads(monkeypatch, kernel):
     # Inference caches each layer's packed (LayerScale-folded) weight; a weight or gain changed in place, or a
     # new state dict, must be seen at the next call, exactly as the unpacked path sees it.
-    monkeypatch.setattr(fused, "_PLAIN_GEMM", "onednn")
+    monkeypatch.setattr(fused, "_pinned_gemm", kernel)
     model = randomize_(dinokit.Dinov2Model(small_config()), seed=44).eval()
     x = images(2, 56, 56)
 
@@ -155,8 +156,9 @@ def test_packed_onednn_weights_follow_in_place_changes_and_reloads(monkeypatch):
         assert max_diff(model(x).last_hidden_state, other.eval()(x).last_hidden_state) < 1e-5
 
 
-def test_packed_weight_cache_stays_within_its_memory_budget(monkeypatch):
-    monkeypatch.setattr(fused, "_PLAIN_GEMM", "onednn")
+@pytest.mark.parametrize("kernel", ["onednn", "mkl-packed"])
+def test_packed_weight_cache_stays_within_its_memory_budget(monkeypatch, kernel):
+    monkeypatch.setattr(fused, "_pinned_gemm", kernel)
     monkeypatch.setattr(fused, "_PACKED_BUDGET", 0)
     model = randomize_(dinokit.Dinov2Model(small_config()), seed=46).eval()
     fused._packed_cache.clear()

@@ -6,13 +6,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinokit.layers.linear import ON_INTEL, linear
+from dinokit.layers.kernel_choice import decision, pinned, rows_class
+from dinokit.layers.linear import linear
 from dinokit.layers.position_embedding import is_tracing
 from dinokit.layers.rope import apply_rope
 
-# The CPU flash kernel is ~20% faster on contiguous heads than on strided views on Intel (a copy costs less than
-# that); on AMD (EPYC) the strided views are as fast or faster (ViT-S 224 x8: 9.3 vs 10.5 ms with the copy).
-_CONTIGUOUS_CPU_HEADS = ON_INTEL
+# The CPU flash kernel reads q, k, v either as strided views of the fused qkv output or as contiguous heads after
+# one copy. Which is faster depends on the machine (a Sapphire Rapids: the copy pays, ~20%; an EPYC Zen 4: the
+# views, ViT-S 224 x8 9.3 vs 10.5 ms), so at inference it is measured per shape class (kernel_choice).
+HEAD_LAYOUTS = ("strided", "contiguous")
+_pinned_heads = pinned("DINOKIT_SDPA_HEADS", HEAD_LAYOUTS)
+
+
+def set_head_layout(name: str | None) -> None:
+    """Pin the SDPA head layout on CPU ("strided" or "contiguous"); None measures (the default)."""
+    global _pinned_heads
+    if name is not None and name not in HEAD_LAYOUTS:
+        raise ValueError(f"unknown head layout {name!r}: use one of {', '.join(HEAD_LAYOUTS)} or None")
+    _pinned_heads = name
+
+
+def _attend(qkv: torch.Tensor, rope, contiguous: bool, dropout: float = 0.0) -> torch.Tensor:
+    if contiguous:
+        qkv = qkv.contiguous()
+    q, k, v = qkv.unbind(0)
+    if rope is not None:
+        q, k = apply_rope(q, k, rope)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+
+
+def _head_layout(qkv: torch.Tensor, rope) -> str:
+    if _pinned_heads is not None:
+        return _pinned_heads
+    _, B, heads, N, head_dim = qkv.shape
+    return decision("sdpa-heads", (rows_class(B), heads, rows_class(N), head_dim), HEAD_LAYOUTS,
+                    lambda name: _attend(qkv, rope, name == "contiguous"), plain="strided")
 
 
 class Attention(nn.Module):
@@ -67,12 +95,9 @@ class Attention(nn.Module):
         """The attention output before the output projection, (B, N, C), with SDPA."""
         B, N, C = x.shape
         qkv = self._qkv(x)
-        if _CONTIGUOUS_CPU_HEADS and not torch.is_grad_enabled() and x.device.type == "cpu" and not is_tracing():
-            # Not under autograd (it would keep the copy alive), nor in traced graphs (grad mode differs between
-            # torch.jit.trace's invocations).
-            qkv = qkv.contiguous()
-        q, k, v = qkv.unbind(0)
-        if rope is not None:
-            q, k = apply_rope(q, k, rope)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        # The copy only at inference on CPU: not under autograd (it would keep the copy alive), nor in traced
+        # graphs (grad mode differs between torch.jit.trace's invocations).
+        contiguous = (not torch.is_grad_enabled() and x.device.type == "cpu" and not is_tracing()
+                      and _head_layout(qkv, rope) == "contiguous")
+        x = _attend(qkv, rope, contiguous, dropout=self.attn_drop if self.training else 0.0)
         return x.transpose(1, 2).reshape(B, N, C)
