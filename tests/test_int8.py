@@ -84,3 +84,32 @@ def test_int8_knn_check_on_real_images_stays_within_a_few_points():
     net = model(seed=7, image_size=224)
     knn = knn_delta(get_backend(net, "torch"), get_backend(net, "torch-int8"), folder, per_class=4, size=112)
     assert knn.test == 20 and abs(knn.delta) <= 10.0
+
+
+def test_the_engine_is_measured_on_the_models_largest_linear_and_remembered(monkeypatch):
+    from dinokit.layers import kernel_choice
+
+    engines = [e for e in ("x86", "onednn") if e in torch.backends.quantized.supported_engines]
+    if len(engines) < 2:
+        pytest.skip(f"this build has int8 engines {torch.backends.quantized.supported_engines}: nothing to choose")
+    monkeypatch.delenv("DINOKIT_INT8_ENGINE", raising=False)
+    kernel_choice.forget()
+    net = model(seed=4)
+    quantized = quantize_int8(net)
+    made = {key.split(" :: ")[1]: value for key, value in kernel_choice.decisions().items()}
+    assert made["int8-engine:2048:64:256"]["choice"] == quantized.int8_engine  # fc1: 64 -> 256, the largest
+    assert set(made["int8-engine:2048:64:256"]["ms"]) == set(engines)
+
+
+@pytest.mark.parametrize("engine", ["x86", "onednn"])
+def test_each_engine_pinned_gives_the_float_models_features(monkeypatch, engine):
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"no {engine} engine in this build")
+    monkeypatch.setenv("DINOKIT_INT8_ENGINE", engine)
+    net = model(seed=5)
+    quantized = quantize_int8(net)
+    assert quantized.int8_engine == engine
+    pixels = images(2, 56, 56, seed=2)
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(quantized(pixels).pooler_output, net(pixels).pooler_output)
+    assert cosine.min() > 0.98
