@@ -381,16 +381,25 @@ def print_tables(results: dict) -> None:
 
 
 def summarize(paths: list[str]) -> str:
-    """Markdown tables of several runs' --json output side by side: per dinokit backend, its ratio to the faster
-    peer (median and min-max over rounds) in each run, then every implementation's ratio to transformers."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    """Markdown tables of several runs' --json output, one block per machine (runs from different CPUs are never
+    put side by side): per dinokit backend, its ratio to the faster peer (median and min-max over rounds) in each
+    run, then every implementation's ratio to transformers."""
+    runs = [(p, json.loads(Path(p).read_text())) for p in paths]
+    machines = list(dict.fromkeys(run.get("machine") or "machine not recorded" for _, run in runs))
+    blocks = []
+    for machine in machines:
+        group = [(p, run) for p, run in runs if (run.get("machine") or "machine not recorded") == machine]
+        blocks.append("\n".join([f"### {machine}", ""] + summarize_runs([p for p, _ in group],
+                                                                      [run for _, run in group])))
+    return "\n\n".join(blocks)
+
+
+def summarize_runs(paths: list[str], runs: list[dict]) -> list[str]:
+    """The tables of runs made on one machine."""
     keys = list(dict.fromkeys((c["model"], c["size"], c["batch"]) for run in runs for c in run["cells"]))
     impls = list(dict.fromkeys(c["impl"] for run in runs for c in run["cells"]))
     header = " | ".join(f"run {i + 1}" for i in range(len(runs)))
     lines = [f"Runs: {', '.join(paths)} ({runs[0]['threads']} threads, {runs[0]['rounds']} interleaved rounds each)"]
-    machines = list(dict.fromkeys(run["machine"] for run in runs if run.get("machine")))
-    if machines:
-        lines.append(f"Machine: {' / '.join(machines)}")
 
     def cell(run, key, impl):
         return next((c for c in run["cells"] if (c["model"], c["size"], c["batch"]) == key and c["impl"] == impl),
@@ -415,7 +424,7 @@ def summarize(paths: list[str]) -> str:
                 c, base = cell(run, key, impl), cell(run, key, "transformers (sdpa)")
                 values.append(f"{c['img_s']:.2f} ({c['img_s'] / base['img_s']:.2f}x)" if c and base else "-")
             lines.append(f"| {key[0]} | {key[1]}x{key[2]} | {impl} | {' | '.join(values)} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
