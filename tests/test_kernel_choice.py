@@ -24,6 +24,8 @@ def fresh_choices(monkeypatch, tmp_path):
     monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path))
     monkeypatch.delenv("DINOKIT_KERNEL_CACHE", raising=False)
     monkeypatch.setattr(choice, "busy", lambda: False)  # the suite may run on a loaded machine
+    monkeypatch.setattr(fused, "_pinned_gemm", None)  # conftest pins them for the other tests
+    monkeypatch.setattr(attention, "_pinned_heads", None)
     choice.forget()
     yield tmp_path / "kernel_choices.json"
     choice.forget()
