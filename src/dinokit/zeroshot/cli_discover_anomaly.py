@@ -172,7 +172,7 @@ def _discover(args) -> int:
 
     from dinokit.apps.embed import describe_model, load, select_device
     from dinokit.curate.progress import bars
-    from dinokit.data.images import ImageReadError
+    from dinokit.data.images import ImageReadError, display_path
     from dinokit.extras import require
     from dinokit.zeroshot import corloc as cl
     from dinokit.zeroshot.discover import Discovery, discover
@@ -205,7 +205,7 @@ def _discover(args) -> int:
                 pixel_mask = found.pixel_mask()
                 _save_png(Image.fromarray(pixel_mask.astype(np.uint8) * 255), staging / "masks" / f"{name}.png")
                 _save_png(_discovery_picture(path, found, pixel_mask), staging / "vis" / f"{name}.png")
-                record = {**found.to_json(), "name": name, "path": str(path)}
+                record = {**found.to_json(), "name": display_path(name), "path": display_path(path)}
                 if args.truth is not None:
                     truth = cl.read_truth(truth_files[name], found.image_size)
                     record["truth_boxes"] = [list(b) for b in truth.boxes]
@@ -327,7 +327,7 @@ def _anomaly_score(args) -> int:
         top = max(float(r.heat.max()) for r in results)
         low = min(float(r.heat.min()) for r in results)
         for path, result in zip(done, results):
-            rows.append((names[path], str(path), f"{result.score:.6f}"))
+            rows.append((display_path(names[path]), display_path(path), f"{result.score:.6f}"))
             _save_png(_heat_picture(path, result.heat, low, top), staging / "heatmaps" / f"{names[path]}.png")
             if tests is not None:
                 scored_tests.append(tests[path])
