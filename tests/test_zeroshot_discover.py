@@ -101,8 +101,9 @@ def test_tokencut_equals_an_independent_implementation_on_random_keys(seed):
     found = tokencut(keys)
     # The generalised eigenvector (y'Dy = 1) equals D^-1/2 z up to sign; patches with identical graph rows tie
     # for the seed, so the seed is checked as one of the largest |y|, and the component as a set.
-    assert np.allclose(np.abs(found.score.ravel()), np.abs(expected_vector), atol=1e-8)
-    assert abs(found.score[found.seed]) == pytest.approx(np.abs(expected_vector).max(), abs=1e-9)
+    # The cut runs in float32 as the reference's does, hence the tolerances.
+    assert np.allclose(np.abs(found.score.ravel()), np.abs(expected_vector), rtol=1e-3, atol=1e-6)
+    assert abs(found.score[found.seed]) == pytest.approx(np.abs(expected_vector).max(), rel=1e-3)
     assert found.score[found.seed] > 0  # oriented: the seed's side is positive
     assert as_set(found.mask) == expected_mask
 

@@ -127,14 +127,15 @@ def tokencut(keys, tau: float = 0.2, eps: float = 1e-5, binary: bool = True) -> 
 
     flat, grid = _flat(keys)
     n = flat.shape[0]
-    unit = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    unit = (flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     A = unit @ unit.T
-    A = np.where(A > tau, 1.0 if binary else A, eps)
+    A = np.where(A > tau, np.float32(1) if binary else A, np.float32(eps)).astype(np.float32)
     if n < 2:  # one patch: no cut to make; the patch is the object
         return GridDiscovery(mask=np.ones(grid, bool), seed=(0, 0), score=np.ones(grid))
     D = np.diag(A.sum(axis=1))
+    # float32, as the reference (its graph comes from torch as float32): LAPACK's ssygvx, ~3x faster than float64.
     _, vectors = eigh(D - A, D, subset_by_index=[1, min(2, n - 1)])
-    y = vectors[:, 0]
+    y = vectors[:, 0].astype(np.float64)
     side = y > y.mean()
     seed = int(np.argmax(np.abs(y)))
     if not side[seed]:  # the seed's side is the object
