@@ -239,7 +239,8 @@ def _unit(features) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- fit and score
-def _tokens(net, image, resolution: int, name: str) -> tuple[np.ndarray, tuple[int, int]]:
+def patch_tokens(net, image, resolution: int = RESOLUTION, name: str = "image"):
+    """((h*w, C) output tokens, (h, w)) of one PIL image as AnomalyDINO feeds it (`prepare`)."""
     import torch
 
     from dinokit.zeroshot.features import extract
@@ -284,7 +285,7 @@ def fit(normal_images, model, *, resolution: int = RESOLUTION, shots: int | None
         for item in items:
             image, name = _open(item)
             for angle in angles:
-                tokens, grid = _tokens(net, rotated(image, angle), resolution, name)
+                tokens, grid = patch_tokens(net, rotated(image, angle), resolution, name)
                 if mask_reference:
                     tokens = tokens[foreground_mask(tokens, grid, threshold).ravel()]
                 features.append(tokens)
@@ -299,13 +300,19 @@ def fit(normal_images, model, *, resolution: int = RESOLUTION, shots: int | None
 def score_image(image, bank: MemoryBank, net, *, mask: bool = False, threshold: float = MASK_THRESHOLD,
                 name: str = "") -> Scored:
     """Score one PIL image against the bank with the (already checked) model."""
-    tokens, grid = _tokens(net, image, int(bank.manifest["resolution"]), name or "image")
+    tokens, grid = patch_tokens(net, image, int(bank.manifest["resolution"]), name or "image")
+    return score_tokens(tokens, grid, bank, (image.height, image.width), mask=mask, threshold=threshold, name=name)
+
+
+def score_tokens(tokens: np.ndarray, grid: tuple[int, int], bank: MemoryBank, image_size: tuple[int, int], *,
+                 mask: bool = False, threshold: float = MASK_THRESHOLD, name: str = "") -> Scored:
+    """Score one image's (h*w, C) patch tokens: distances, image score and the heat map at `image_size` (H, W)."""
     foreground = foreground_mask(tokens, grid, threshold) if mask else None
     distances = bank.distances(tokens).reshape(grid)
     if foreground is not None:
         distances = np.where(foreground, distances, 0.0)
     return Scored(name=name, score=image_score(distances), distances=distances,
-                  heat=heat_map(distances, (image.height, image.width)), foreground=foreground)
+                  heat=heat_map(distances, image_size), foreground=foreground)
 
 
 def score(images, bank, model=None, *, mask: bool = False, threshold: float = MASK_THRESHOLD,
