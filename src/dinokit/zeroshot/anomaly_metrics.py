@@ -86,7 +86,7 @@ def area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
 def au_pro(maps, masks, limit: float = PRO_LIMIT) -> float:
     """Normalised area under the PRO curve up to FPR `limit` (1.0 = perfect)."""
     fpr, pro = pro_curve(maps, masks)
-    return area_up_to(fpr, pro, limit) / limit
+    return float(area_up_to(fpr, pro, limit) / limit)
 
 
 # ------------------------------------------------------------------------------------------ MVTec layout
