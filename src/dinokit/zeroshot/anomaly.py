@@ -274,6 +274,8 @@ def fit(normal_images, model, *, resolution: int = RESOLUTION, shots: int | None
     if shots is not None:
         if shots < 1:
             raise ValueError(f"shots must be at least 1, got {shots}")
+        if shots > len(items):
+            logger.warning("%d shots asked for but only %d normal images given: using all of them", shots, len(items))
         items = items[:shots]
     if not items:
         raise ValueError("no normal images given: the memory bank needs at least one")
