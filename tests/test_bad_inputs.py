@@ -26,6 +26,7 @@ from dinokit import Dinov2Config, Dinov2Model
 from dinokit.cli import main
 from dinokit.data.images import ImageReadError, display_path, read_image
 from ssl_helpers import TINY
+from zeroshot_bad_inputs import ZEROSHOT_CHECKS
 
 from helpers import randomize_
 
@@ -250,6 +251,8 @@ CHECKS = {
     "segment predict": _check_dense_predict("segment predict", "segmenter", ["{}.png", "{}_overlay.png"]),
     "depth predict": _check_dense_predict("depth predict", "depther", ["{}_depth.png", "{}_depth16.png"]),
 }
+COMMANDS += list(ZEROSHOT_CHECKS)  # discover, anomaly score: tests/zeroshot_bad_inputs.py
+CHECKS.update(ZEROSHOT_CHECKS)
 BEHAVIOURS: dict[tuple[str, str], str] = {}  # (case, command) -> behaviour, for the README table
 
 
