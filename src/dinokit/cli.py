@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "dinokit.export.cli",
     "dinokit.dense.cli",
     "dinokit.curate.cli",
+    "dinokit.zeroshot.cli_track_match",
 ]
 
 # The hint for commands whose output folder keeps finished work (embed shards, cached features).
