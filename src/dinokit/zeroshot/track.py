@@ -30,6 +30,7 @@ only the context rows the window can reach, so it is never held for a whole fram
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -168,14 +169,21 @@ def labels_at(probs: torch.Tensor, frame_size: tuple[int, int], settings: TrackS
 def _window(rows_q: torch.Tensor, rows_k: torch.Tensor, w: int, settings: TrackSettings) -> torch.Tensor:
     """(nq, nk) bool: key patch within the window of query patch (flattened row-major on a width-w grid,
     rows given by their absolute grid row)."""
+    return _band_window(int(rows_q[0]), int(rows_q[-1]) + 1, int(rows_k[0]), int(rows_k[-1]) + 1, w,
+                        settings.shape, float(settings.radius))
+
+
+@functools.lru_cache(maxsize=64)  # the same bands recur on every frame of a video
+def _band_window(q0: int, q1: int, k0: int, k1: int, w: int, shape: str, radius: float) -> torch.Tensor:
+    rows_q, rows_k = torch.arange(q0, q1), torch.arange(k0, k1)
     cols = torch.arange(w)
     qi, qj = rows_q[:, None].expand(-1, w).reshape(-1), cols.repeat(len(rows_q))
     ki, kj = rows_k[:, None].expand(-1, w).reshape(-1), cols.repeat(len(rows_k))
     di = (qi[:, None] - ki[None, :]).abs().float()
     dj = (qj[:, None] - kj[None, :]).abs().float()
-    if settings.shape == "square":
-        return torch.maximum(di, dj) <= settings.radius
-    return torch.sqrt(di * di + dj * dj) <= settings.radius  # v3: vector_norm(ord=2) <= size
+    if shape == "square":
+        return torch.maximum(di, dj) <= radius
+    return torch.sqrt(di * di + dj * dj) <= radius  # v3: vector_norm(ord=2) <= size
 
 
 def propagate(current: torch.Tensor, context_features: torch.Tensor, context_probs: torch.Tensor,
