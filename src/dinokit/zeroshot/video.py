@@ -9,6 +9,7 @@ equal), the video's first frame decodes and the frame count is known where the c
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,10 +81,12 @@ def _header_size(file: Path) -> tuple[int, int]:
     from dinokit.data.images import ImageReadError, read_image
 
     try:
-        with Image.open(file) as image:
-            width, height = image.size
-            if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-                width, height = height, width
+        with warnings.catch_warnings():  # the reader applies the pixel limit itself, when it decodes
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                width, height = image.size
+                if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                    width, height = height, width
     except Exception as exc:
         read_image(file)  # names the file and the problem, as every command does
         raise ImageReadError(file, f"unreadable header ({type(exc).__name__})") from None
