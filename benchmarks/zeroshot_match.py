@@ -152,7 +152,18 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=12)
     parser.add_argument("--rho", type=float, default=0.15)
     parser.add_argument("--results", default=None, help="JSON file to write")
+    parser.add_argument("--picture", default=None, help="only draw the first pair's matches by the random "
+                                                        "ViT-S/14 (mutual ones) to this PNG")
     args = parser.parse_args()
+    if args.picture:
+        from dinokit import load_model
+        from dinokit.zeroshot.match import match, picture
+
+        torch.manual_seed(0)
+        _, a_image, b_image, _ = next(pairs(1, args.rho))
+        result = match(a_image, b_image, load_model("vits14").eval(), size=SIZE, mutual=True)
+        picture(a_image, b_image, result, distance=20).save(args.picture)
+        return
 
     from machine import cpu_description
 

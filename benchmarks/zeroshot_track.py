@@ -132,13 +132,36 @@ def speed(model, frames: int = 6) -> dict:
             "resolution": "854x480 -> 832x480 (34 x 59 patches of 14)", "load_average": [round(v, 2) for v in load]}
 
 
+def picture(path: str, frames: int) -> None:
+    from dinokit import load_model
+    from dinokit.dense.palette import overlay
+
+    torch.manual_seed(0)
+    images, masks = synthetic_video(0, frames)
+    predicted = list(track(images, masks[0], load_model("vits14").eval(), "dino", short_side=SIZE))
+    picks = [0, frames // 3, 2 * frames // 3, frames - 1]
+    half = SIZE // 2
+    rows = [[overlay(images[t], masks[t]).resize((half, half)) for t in picks],
+            [overlay(images[t], predicted[t]).resize((half, half)) for t in picks]]
+    canvas = Image.new("RGB", (4 * half + 12, 2 * half + 4), "white")
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            canvas.paste(tile, (c * (half + 4), r * (half + 4)))
+    canvas.save(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=5)
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--results", default=None, help="JSON file to write")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--picture", default=None, help="only draw video 0 tracked by the random ViT-S/14 (dino "
+                                                        "rules) to this PNG: frames 0, 8, 16, 23, truth vs prediction")
     args = parser.parse_args()
+    if args.picture:
+        picture(args.picture, args.frames)
+        return
 
     from machine import cpu_description
 
