@@ -188,7 +188,8 @@ def main() -> None:
     result = {"machine": cpu_description(), "load_average_before": [round(v, 2) for v in load_before],
               "load_average_after": [round(v, 2) for v in os.getloadavg()], "pairs": args.pairs, "rho": args.rho,
               "size": SIZE, "patch": PATCH, "homographies": {name: H.round(6).tolist() for name, _, _, H in data},
-              "table": table, "pairs_per_second_random_vits14": round(args.pairs / table["random ViT-S/14"]["seconds"], 3),
+              "table": table,
+              "pairs_per_second_random_vits14": round(args.pairs / table["random ViT-S/14"]["seconds"], 3),
               "note": "random ViT-S/14 = vits14 preset, randomly initialised: no trained weights here"}
     print(result["machine"])
     if args.results:

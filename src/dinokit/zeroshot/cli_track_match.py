@@ -145,7 +145,8 @@ def _track(args) -> int:
     from dinokit.zeroshot.video import open_frames
 
     settings = tracking.settings_for(args.preset, short_side=args.short_side, context=args.context,
-                                     radius=args.radius, shape=args.shape, topk=args.topk, temperature=args.temperature, upsample=args.upsample)
+                                     radius=args.radius, shape=args.shape, topk=args.topk,
+                                     temperature=args.temperature, upsample=args.upsample)
     source = open_frames(args.frames)
     first_mask, palette = read_id_mask(args.mask, "--mask")
     width, height = source.size

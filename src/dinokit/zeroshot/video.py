@@ -59,9 +59,10 @@ def open_frames(path: str | os.PathLike) -> FrameSource:
         if len(sizes) > 1:
             (first_size, _), *others = sorted(sizes.items(), key=lambda item: -len(item[1]))
             odd = [f"{display_path(f.name)} ({s[0]} x {s[1]})" for s, fs in others for f in fs][:5]
+            more = " ..." if sum(len(f) for _, f in others) > 5 else ""
             raise ValueError(f"the frames in {display_path(path)} have different sizes: most are {first_size[0]} x "
-                             f"{first_size[1]} but {', '.join(odd)}{' ...' if sum(len(f) for _, f in others) > 5 else ''}"
-                             f" differ; resize them to one size (a video's frames share one size)")
+                             f"{first_size[1]} but {', '.join(odd)}{more} differ; resize them to one size (a video's "
+                             f"frames share one size)")
         names = [f.stem for f in files]
         if len(set(names)) != len(names):
             raise ValueError(f"two frames in {display_path(path)} share a name stem: output masks are named by stem")
