@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from zeroshot_bad_inputs import ZEROSHOT_CHECKS
 from helpers import randomize_
 
 COMMANDS = ["embed", "eval knn", "eval linear", "eval logreg", "pca", "search", "classify", "finetune", "train",
-            "segment predict", "depth predict"]
+            "segment predict", "depth predict", "track", "match"]
 CROP = ["--resize", "32", "--crop", "28"]
 TINY_CONFIG = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
 WHITE = (1 - 0.406) / 0.225  # the largest normalised value: the blue channel of a white pixel
@@ -237,6 +238,50 @@ def _check_dense_predict(command: str, model: str, outputs):
     return check
 
 
+def check_track(kind, path, root, models, tmp_path, capsys, caplog):
+    """The case as the first of two frames of one size (the other frames of its folder removed)."""
+    folder, out = path.parent, tmp_path / "tracked"
+    for other in ("a0.png", "a1.png"):
+        (folder / other).unlink()
+    width, height = read_image(path).size if kind == "good" else _header_size_or(path, (40, 32))
+    smooth_rgb(width, height, seed=7).save(folder / "zz_next.png")
+    mask = np.zeros((height, width), np.uint8)
+    mask[0, 0] = 1
+    Image.fromarray(mask, mode="P").save(tmp_path / "first.png")
+    code, _, err = _run(["track", str(folder), "--mask", str(tmp_path / "first.png"), "--model", models["backbone"],
+                         "-o", str(out), "--preset", "dinov3", "--short-side", "28", "--quiet", "--device", "cpu"],
+                        capsys)
+    if kind == "good":
+        assert code == 0, err
+        assert (out / f"{path.stem}.png").is_file() and (out / "zz_next.png").is_file()
+        return "read"
+    _refused_naming_the_file(code, err, path)
+    assert not out.exists()
+    return "error: Cannot read image file ...: <problem>"
+
+
+def _header_size_or(path: Path, default: tuple[int, int]) -> tuple[int, int]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except Exception:
+        return default
+
+
+def check_match(kind, path, root, models, tmp_path, capsys, caplog):
+    out = tmp_path / "matched"
+    code, _, err = _run(["match", str(root / "val" / "a" / "a0.png"), str(path), "--model", models["backbone"],
+                         "-o", str(out), "--size", "28", "--device", "cpu"], capsys)
+    if kind == "good":
+        assert code == 0 and (out / "matches.json").is_file() and (out / "matches.png").is_file(), err
+        return "read"
+    _refused_naming_the_file(code, err, path)
+    assert not out.exists()
+    return "error: Cannot read image file ...: <problem>"
+
+
 CHECKS = {
     "embed": check_embed,
     "eval knn": _check_eval("knn", ["--ks", "1"]),
@@ -250,6 +295,8 @@ CHECKS = {
     "train": check_train,
     "segment predict": _check_dense_predict("segment predict", "segmenter", ["{}.png", "{}_overlay.png"]),
     "depth predict": _check_dense_predict("depth predict", "depther", ["{}_depth.png", "{}_depth16.png"]),
+    "track": check_track,
+    "match": check_match,
 }
 COMMANDS += list(ZEROSHOT_CHECKS)  # discover, anomaly score: tests/zeroshot_bad_inputs.py
 CHECKS.update(ZEROSHOT_CHECKS)

@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "dinokit.export.cli",
     "dinokit.dense.cli",
     "dinokit.curate.cli",
+    "dinokit.zeroshot.cli_track_match",
     "dinokit.zeroshot.cli_discover_anomaly",
 ]
 
