@@ -141,12 +141,15 @@ def test_attentions_and_masked_positions_match_transformers():
         ours.vit.mask_token.copy_(mask_token[0])
         a = ours(x, bool_masked_pos=mask, output_attentions=True)
         b = theirs(pixel_values=x, bool_masked_pos=mask, output_attentions=True)
-        tuple_out = ours(x, return_dict=False)
+        tuple_out = ours(x, return_dict=False, output_hidden_states=True)
+        tuple_ref = theirs(pixel_values=x, return_dict=False, output_hidden_states=True)
     assert len(a.attentions) == len(b.attentions) == 3
     for mine, ref in zip(a.attentions, b.attentions):
         assert mine.shape == (2, 6, 201, 201) and max_diff(mine, ref) < TOL
     assert max_diff(a.last_hidden_state, b.last_hidden_state) < TOL
-    assert isinstance(tuple_out, tuple) and len(tuple_out) == 2
+    # return_dict=False: transformers' tuple, element for element (last_hidden_state, pooler_output, hidden_states)
+    assert isinstance(tuple_out, tuple) and len(tuple_out) == len(tuple_ref) == 3
+    assert max_diff(list(tuple_out), list(tuple_ref)) < TOL
 
 
 # ---------------------------------------------------------------------------------------------- Meta's periods
