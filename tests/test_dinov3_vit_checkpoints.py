@@ -110,6 +110,24 @@ def test_meta_layout_both_ways_keeps_meta_keys_and_the_periods_choice(tmp_path):
         assert max_diff(back(x).last_hidden_state, ours(x).last_hidden_state) == 0
 
 
+def test_meta_file_of_the_7b_kind_loads_without_qkv_bias_and_with_its_own_local_cls_norm(tmp_path):
+    """7B's Meta layout: no qkv bias (hence no bias_mask), SwiGLU, `local_cls_norm` stored in the file, bf16
+    periods; what is read is what was written, the untied norm included (not re-initialised)."""
+    ours = _ours(_small(gated=True, bias=False, untie_global_and_local_cls_norm=True, rope_periods="bf16"), seed=3)
+    meta = ckpt3.normal_to_meta(ours.meta_state_dict()[0])
+    assert not any("qkv.bias" in k for k in meta) and "local_cls_norm.weight" in meta
+    path = tmp_path / "dinov3_vit7b16_pretrain_lvd1689m-a955f4ea.pth"
+    torch.save(meta, path)
+    back = load_checkpoint(path)
+    assert back.config.query_bias is False and back.config.value_bias is False
+    assert back.config.untie_global_and_local_cls_norm and back.config.rope_periods == "bf16"
+    for key in ("weight", "bias"):
+        assert torch.equal(getattr(back.vit.local_cls_norm, key), meta[f"local_cls_norm.{key}"])
+    x = images(1, 224, 240)
+    with torch.no_grad():
+        assert max_diff(back(x).last_hidden_state, ours(x).last_hidden_state) == 0
+
+
 def test_periods_of_another_formula_are_refused_with_the_fix(tmp_path):
     meta = ckpt3.normal_to_meta(_ours(_small()).meta_state_dict()[0])
     meta["rope_embed.periods"] = torch.linspace(1, 50, 16)
