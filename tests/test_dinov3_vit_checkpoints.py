@@ -128,6 +128,20 @@ def test_meta_file_of_the_7b_kind_loads_without_qkv_bias_and_with_its_own_local_
         assert max_diff(back(x).last_hidden_state, ours(x).last_hidden_state) == 0
 
 
+def test_a_meta_sat493m_file_carries_the_satellite_normalisation(tmp_path):
+    from dinokit.models.dinov3_vit import IMAGENET_MEAN, SAT_MEAN, SAT_STD
+
+    meta = ckpt3.normal_to_meta(_ours(_small(untie_global_and_local_cls_norm=True)).meta_state_dict()[0])
+    sat = tmp_path / "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"
+    torch.save(meta, sat)
+    config = load_checkpoint(sat).config
+    assert (config.image_mean, config.image_std) == (list(SAT_MEAN), list(SAT_STD))
+    assert load_checkpoint(sat, image_mean=list(IMAGENET_MEAN)).config.image_mean == list(IMAGENET_MEAN)
+    lvd = tmp_path / "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"
+    torch.save(meta, lvd)
+    assert getattr(load_checkpoint(lvd).config, "image_mean", None) in (None, list(IMAGENET_MEAN))
+
+
 def test_periods_of_another_formula_are_refused_with_the_fix(tmp_path):
     meta = ckpt3.normal_to_meta(_ours(_small()).meta_state_dict()[0])
     meta["rope_embed.periods"] = torch.linspace(1, 50, 16)
