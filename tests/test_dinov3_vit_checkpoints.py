@@ -184,6 +184,11 @@ def test_meta_api_on_the_transformers_style_class():
     assert len(layers) == 2 and layers[1][0].shape == (2, 384, 14, 16)
     assert layers[1][1].shape == (2, 384) and layers[1][2].shape == (2, 4, 384)
     assert max_diff(layers[1][1], last[:, 0]) < 1e-5
+    # n as a list of 0-based blocks, norm=False: the raw block output (transformers' hidden_states[i + 1])
+    with torch.no_grad():
+        hidden = model(x, output_hidden_states=True).hidden_states
+        (raw,) = model.get_intermediate_layers(x, n=[0], norm=False)
+    assert max_diff(raw, hidden[1][:, 5:]) < 1e-5 and max_diff(raw, hidden[2][:, 5:]) > 1e-3
     with pytest.raises(TypeError):
         model.get_intermediate_layers(x, 2)  # keyword-only, as Meta's DINOv3
 
