@@ -57,17 +57,21 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def references(request, tmp_path_factory):
+    return build_references(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def build_references(name: str, folder):
     """(dinokit model, transformers Model and Backbone loaded from dinokit's save_pretrained, timm model loaded
-    from dinokit's timm-layout weights), all with one set of randomised weights."""
-    config = DINOv3ConvNextConfig(**VARIANTS[request.param])
-    ours = randomize(DINOv3ConvNextModel(config), seed=len(request.param))
-    folder = tmp_path_factory.mktemp(request.param)
+    from dinokit's timm-layout weights), all with one set of randomised weights (also used by
+    benchmarks/dinov3_parity_table.py)."""
+    config = DINOv3ConvNextConfig(**VARIANTS[name])
+    ours = randomize(DINOv3ConvNextModel(config), seed=len(name))
     ours.save_pretrained(folder)
     hf_model = transformers.DINOv3ConvNextModel.from_pretrained(folder).eval()
     hf_backbone = transformers.DINOv3ConvNextBackbone.from_pretrained(
         folder, out_features=["stem", "stage1", "stage2", "stage3", "stage4"]).eval()
     ours_backbone = DINOv3ConvNextBackbone.from_pretrained(folder, out_features=hf_backbone.out_features)
-    ref = timm.create_model(f"convnext_{request.param}", depths=config.depths, num_classes=0).eval()
+    ref = timm.create_model(f"convnext_{name}", depths=config.depths, num_classes=0).eval()
     ref.load_state_dict(keys.from_meta(ours.meta_state_dict(), "timm"), strict=True)
     return ours, ours_backbone, hf_model, hf_backbone, ref
 

@@ -61,10 +61,15 @@ def test_config_round_trips_and_auto_dispatch(tmp_path):
         DINOv3ViTImageProcessor.from_dict({"image_processor_type": "BitImageProcessor"})
 
 
-def test_timm_dinov3_convnext_transform_is_the_bit_pipeline():
-    config = timm.data.resolve_data_config({}, model=timm.create_model("convnext_tiny.dinov3_lvd1689m"))
+@pytest.mark.parametrize("timm_name", ["convnext_tiny.dinov3_lvd1689m", "vit_small_patch16_dinov3.lvd1689m",
+                                       "vit_large_patch16_dinov3_qkvb.sat493m"])
+def test_timm_dinov3_transform_is_the_bit_pipeline(timm_name):
+    """timm's transform for each DINOv3 config (ConvNeXt 224; ViT 256 with ImageNet or the SAT statistics: short
+    side bicubic, centre crop) is Dinov2ImageProcessor with that size, crop and mean/std, bit for bit."""
+    config = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(timm_name).to_dict())
     transform = timm.data.create_transform(**config)
     size = config["input_size"][1]
+    assert config["crop_pct"] == 1.0 and config["interpolation"] == "bicubic"
     ours = Dinov2ImageProcessor(size={"shortest_edge": size}, crop_size=size, image_mean=config["mean"],
                                 image_std=config["std"])
     for array in images()[:3]:

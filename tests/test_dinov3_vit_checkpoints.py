@@ -110,6 +110,38 @@ def test_meta_layout_both_ways_keeps_meta_keys_and_the_periods_choice(tmp_path):
         assert max_diff(back(x).last_hidden_state, ours(x).last_hidden_state) == 0
 
 
+def test_meta_file_of_the_7b_kind_loads_without_qkv_bias_and_with_its_own_local_cls_norm(tmp_path):
+    """7B's Meta layout: no qkv bias (hence no bias_mask), SwiGLU, `local_cls_norm` stored in the file, bf16
+    periods; what is read is what was written, the untied norm included (not re-initialised)."""
+    ours = _ours(_small(gated=True, bias=False, untie_global_and_local_cls_norm=True, rope_periods="bf16"), seed=3)
+    meta = ckpt3.normal_to_meta(ours.meta_state_dict()[0])
+    assert not any("qkv.bias" in k for k in meta) and "local_cls_norm.weight" in meta
+    path = tmp_path / "dinov3_vit7b16_pretrain_lvd1689m-a955f4ea.pth"
+    torch.save(meta, path)
+    back = load_checkpoint(path)
+    assert back.config.query_bias is False and back.config.value_bias is False
+    assert back.config.untie_global_and_local_cls_norm and back.config.rope_periods == "bf16"
+    for key in ("weight", "bias"):
+        assert torch.equal(getattr(back.vit.local_cls_norm, key), meta[f"local_cls_norm.{key}"])
+    x = images(1, 224, 240)
+    with torch.no_grad():
+        assert max_diff(back(x).last_hidden_state, ours(x).last_hidden_state) == 0
+
+
+def test_a_meta_sat493m_file_carries_the_satellite_normalisation(tmp_path):
+    from dinokit.models.dinov3_vit import IMAGENET_MEAN, SAT_MEAN, SAT_STD
+
+    meta = ckpt3.normal_to_meta(_ours(_small(untie_global_and_local_cls_norm=True)).meta_state_dict()[0])
+    sat = tmp_path / "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"
+    torch.save(meta, sat)
+    config = load_checkpoint(sat).config
+    assert (config.image_mean, config.image_std) == (list(SAT_MEAN), list(SAT_STD))
+    assert load_checkpoint(sat, image_mean=list(IMAGENET_MEAN)).config.image_mean == list(IMAGENET_MEAN)
+    lvd = tmp_path / "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"
+    torch.save(meta, lvd)
+    assert getattr(load_checkpoint(lvd).config, "image_mean", None) in (None, list(IMAGENET_MEAN))
+
+
 def test_periods_of_another_formula_are_refused_with_the_fix(tmp_path):
     meta = ckpt3.normal_to_meta(_ours(_small()).meta_state_dict()[0])
     meta["rope_embed.periods"] = torch.linspace(1, 50, 16)
@@ -152,6 +184,11 @@ def test_meta_api_on_the_transformers_style_class():
     assert len(layers) == 2 and layers[1][0].shape == (2, 384, 14, 16)
     assert layers[1][1].shape == (2, 384) and layers[1][2].shape == (2, 4, 384)
     assert max_diff(layers[1][1], last[:, 0]) < 1e-5
+    # n as a list of 0-based blocks, norm=False: the raw block output (transformers' hidden_states[i + 1])
+    with torch.no_grad():
+        hidden = model(x, output_hidden_states=True).hidden_states
+        (raw,) = model.get_intermediate_layers(x, n=[0], norm=False)
+    assert max_diff(raw, hidden[1][:, 5:]) < 1e-5 and max_diff(raw, hidden[2][:, 5:]) > 1e-3
     with pytest.raises(TypeError):
         model.get_intermediate_layers(x, 2)  # keyword-only, as Meta's DINOv3
 

@@ -24,8 +24,9 @@ timm = pytest.importorskip("timm")
 
 TOL = 1e-5
 SIZES = [(224, 224), (256, 320), (232, 250)]  # the last is not a multiple of 16
-LARGE_SIZES = [(224, 224)]
-HUGE_SIZES = [(128, 160)]  # 7B's width at 80 patches keeps the test in seconds, not minutes
+# 7B's width at 80 patches keeps the test in seconds, not minutes (224² costs ~25 s a forward on 2 cores); the
+# second size is not a multiple of 16 and floors to the same 8 x 10 grid
+HUGE_SIZES = [(128, 160), (136, 170)]
 
 # name -> (transformers config kwargs with the real width/heads/FFN, depth, timm model name, sizes)
 VARIANTS = {
@@ -36,9 +37,9 @@ VARIANTS = {
     "vitb16": (dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072), 3,
                "vit_base_patch16_dinov3_qkvb", SIZES),
     "vitl16": (dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096), 2,
-               "vit_large_patch16_dinov3_qkvb", SIZES[:2]),
+               "vit_large_patch16_dinov3_qkvb", SIZES),
     "vith16plus": (dict(hidden_size=1280, num_attention_heads=20, intermediate_size=5120, use_gated_mlp=True,
-                        hidden_act="silu"), 2, "vit_huge_plus_patch16_dinov3_qkvb", LARGE_SIZES),
+                        hidden_act="silu"), 2, "vit_huge_plus_patch16_dinov3_qkvb", SIZES),
     "vit7b16": (dict(hidden_size=4096, num_attention_heads=32, intermediate_size=8192, use_gated_mlp=True,
                      hidden_act="silu", query_bias=False, value_bias=False), 2, "vit_7b_patch16_dinov3",
                 HUGE_SIZES),
@@ -68,11 +69,16 @@ def _models(name: str):
     assert layout == "hf"
     config = DINOv3ViTConfig(**ckpt3.infer_config_kwargs(normal, layout), out_indices=list(range(depth + 1)))
     if name == "vit7b16":
-        # 7B carries Meta's untied local-crop CLS norm; it must be present yet change nothing at inference
+        # 7B carries Meta's untied local-crop CLS norm; it must be present yet change nothing at inference (random
+        # values, unlike the final norm's, so that applying it to the CLS would show)
         config.untie_global_and_local_cls_norm = True
-        normal = {**normal, "local_cls_norm.weight": torch.ones(4096), "local_cls_norm.bias": torch.zeros(4096)}
+        gen = torch.Generator().manual_seed(7)
+        normal = {**normal, "local_cls_norm.weight": 2.0 + torch.rand(4096, generator=gen),
+                  "local_cls_norm.bias": torch.randn(4096, generator=gen)}
     ours = DINOv3ViTModel(config).eval()
     ours.load_meta_state_dict(normal)
+    if config.untie_global_and_local_cls_norm:
+        assert torch.equal(ours.vit.local_cls_norm.weight, normal["local_cls_norm.weight"])
     tiny = {k: v for k, v in config.to_dict().items() if k not in ("out_features", "out_indices", "stage_names")}
     backbone = DINOv3ViTBackbone(DINOv3ViTConfig(**{**tiny, "num_hidden_layers": 1})).eval()
     backbone.vit = ours.vit  # shared weights
@@ -135,12 +141,15 @@ def test_attentions_and_masked_positions_match_transformers():
         ours.vit.mask_token.copy_(mask_token[0])
         a = ours(x, bool_masked_pos=mask, output_attentions=True)
         b = theirs(pixel_values=x, bool_masked_pos=mask, output_attentions=True)
-        tuple_out = ours(x, return_dict=False)
+        tuple_out = ours(x, return_dict=False, output_hidden_states=True)
+        tuple_ref = theirs(pixel_values=x, return_dict=False, output_hidden_states=True)
     assert len(a.attentions) == len(b.attentions) == 3
     for mine, ref in zip(a.attentions, b.attentions):
         assert mine.shape == (2, 6, 201, 201) and max_diff(mine, ref) < TOL
     assert max_diff(a.last_hidden_state, b.last_hidden_state) < TOL
-    assert isinstance(tuple_out, tuple) and len(tuple_out) == 2
+    # return_dict=False: transformers' tuple, element for element (last_hidden_state, pooler_output, hidden_states)
+    assert isinstance(tuple_out, tuple) and len(tuple_out) == len(tuple_ref) == 3
+    assert max_diff(list(tuple_out), list(tuple_ref)) < TOL
 
 
 # ---------------------------------------------------------------------------------------------- Meta's periods

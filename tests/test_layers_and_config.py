@@ -63,6 +63,13 @@ def test_out_features_must_name_real_stages():
 def test_swiglu_width_follows_meta_rounding():
     assert swiglu_hidden_features(1536, 4) == 4096
     assert swiglu_hidden_features(384, 4) == 1024
+    # DINOv3 (dinov3.md §1.1): S+ and H+ ffn_ratio 6, align 8; 7B ffn_ratio 3, align 64 -> the presets' widths
+    from dinokit.models.dinov3_vit import preset_config
+
+    for preset, ratio, align in (("dinov3_vits16plus", 6, 8), ("dinov3_vith16plus", 6, 8), ("dinov3_vit7b16", 3, 64)):
+        config = preset_config(preset)
+        assert swiglu_hidden_features(config.hidden_size, ratio, align) == config.intermediate_size, preset
+    assert swiglu_hidden_features(200, 3, align=64) == 448 and swiglu_hidden_features(200, 3, align=8) == 400
 
 
 def test_batch_subset_drop_path_touches_only_a_subset_and_rescales():

@@ -87,6 +87,11 @@ def _load_dinov3_vit(path, state, known, head, strict: bool, task: str = "base",
     normal, layout = ckpt3.to_normal(state)
     fields = set(dinov3_vit._DINOV3_VIT_DEFAULTS) | {"image_mean", "image_std"}
     known = {k: v for k, v in (known or {}).items() if k in fields}
+    if layout == "meta" and "sat493m" in Path(path).name.lower() and "image_mean" not in {**known, **config_overrides}:
+        # Meta's SAT-493M files (`dinov3_*_pretrain_sat493m-<hash>.pth`) are named so; Meta's README normalises
+        # their inputs with the satellite statistics, as the SAT presets do (the commands read them from the config)
+        logger.info("%s: a SAT-493M file; its inputs get the SAT mean/std (pass image_mean/image_std to change)", path)
+        known.update(image_mean=list(dinov3_vit.SAT_MEAN), image_std=list(dinov3_vit.SAT_STD))
     config = dinov3_vit.DINOv3ViTConfig(**ckpt3.infer_config_kwargs(normal, layout, {**known, **config_overrides}))
     model = dinov3_vit.MODEL_CLASSES[task](config)
     model.load_meta_state_dict(normal, strict=strict, source=str(path))
