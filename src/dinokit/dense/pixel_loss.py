@@ -75,10 +75,18 @@ class PixelCrossEntropy:
                 self.weights.append(None)
                 continue
             cells = label_cells(resized, patch_size, resolution)
+            rows, cols = to_image_weights(features.grid(i), resized, patch_size, cells)
             cell, label, count = cell_counts(target, cells, ignore_index)
-            self.targets.append((torch.from_numpy(cell), torch.from_numpy(label),
-                                 torch.from_numpy(count.astype(np.float32))))
-            self.weights.append(to_image_weights(features.grid(i), resized, patch_size, cells))
+            # sum_cells sum_c n_c * z_c with z = rows @ x @ cols.T is sum_c <rows.T @ n_c @ cols, x_c>: the class
+            # counts are projected once onto the patch grid, so a step never gathers per-cell logits
+            rows64, cols64 = rows.double(), cols.double()
+            projected = torch.zeros(int(label.max(initial=0)) + 1, *features.grid(i), dtype=torch.float64)
+            for c in np.unique(label):  # one class at a time: (classes x cells) at once is large for ADE's 150
+                n_c = np.bincount(cell[label == c], weights=count[label == c], minlength=cells[0] * cells[1])
+                projected[c] = rows64.T @ torch.from_numpy(n_c).reshape(cells) @ cols64
+            labelled = np.bincount(cell, weights=count, minlength=cells[0] * cells[1]).reshape(cells)
+            self.targets.append((torch.from_numpy(labelled).float(), projected.float()))
+            self.weights.append((rows, cols))
 
     def __call__(self, i: int, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
         maps = logits.T.reshape(-1, *self.features.grid(i))
@@ -88,7 +96,7 @@ class PixelCrossEntropy:
             loss = F.cross_entropy(upsampled.unsqueeze(0), self.targets[i].unsqueeze(0),
                                    ignore_index=self.ignore_index, reduction="sum")
             return loss, self.counts[i]
-        cell, label, count = self.targets[i]
-        flat = resize_separable(maps, *self.weights[i]).flatten(1)  # (K, cells)
-        per_entry = torch.logsumexp(flat, dim=0)[cell] - flat[label, cell]
-        return (per_entry * count).sum(), self.counts[i]
+        labelled, projected = self.targets[i]
+        upsampled = resize_separable(maps, *self.weights[i])  # (K, cells)
+        loss = (labelled * torch.logsumexp(upsampled, dim=0)).sum() - (projected * maps[:len(projected)]).sum()
+        return loss, self.counts[i]
