@@ -33,7 +33,7 @@ def test_linear_head_learns_patch_aligned_labels_to_high_miou():
     features, masks = _separable_set()
     torch.manual_seed(0)
     head = BNSegHead(2, 2)
-    losses = fit_head(head, features, masks, 14, 255, SegTrainConfig(iterations=150, batch_size=3, lr=1e-2))
+    losses = fit_head(head, features, masks, 14, 255, SegTrainConfig(iterations=150, batch_size=3, lr=1e-2)).losses
     assert losses[-1] < losses[0]
     metrics = evaluate_head(head, features, masks, 14, 2, 255)
     # bilinear upsampling blurs patch borders: well above chance (~0.4), below 1

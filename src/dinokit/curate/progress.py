@@ -1,34 +1,5 @@
-"""Progress bars for the long curation stages: tqdm on stderr, or nothing (--quiet, and library calls)."""
+"""The curation stages' progress bars: `dinokit.progress` (shared with the dense head training loop)."""
 
-from __future__ import annotations
+from dinokit.progress import Silent, bars
 
-import functools
-import sys
-
-
-class Silent:
-    """A bar that shows nothing: the default of every stage function."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return False
-
-
-def bars(enabled: bool):
-    """A bar factory: `bar(total=..., desc=..., unit=...)`, used as a context manager with `.update(n)`."""
-    if not enabled:
-        return Silent
-    from tqdm.auto import tqdm
-
-    return functools.partial(tqdm, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=1.0)
+__all__ = ["Silent", "bars"]

@@ -37,7 +37,14 @@ def _common_train(parser, targets: str) -> None:
     parser.add_argument("--val", required=True, help=f"validation folder, same layout (images/ + {targets}/)")
     parser.add_argument("--output", required=True, help="folder for the trained model and metrics.json")
     parser.add_argument("--size", type=int, default=518, help="images are resized to this short side")
-    parser.add_argument("--iterations", type=int, default=2000, help="head training steps")
+    parser.add_argument("--epochs", type=float, default=100.0,
+                        help="passes over the training images (at most 40k steps); stops earlier on a plateau")
+    parser.add_argument("--patience", type=int, default=10,
+                        help="stop once the training loss has not improved for this many epochs")
+    parser.add_argument("--no-early-stop", action="store_true", help="train all --epochs (no plateau stop)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="exactly this many head steps instead of --epochs (no plateau stop; 2000 was the "
+                             "default before --epochs existed)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per head training step")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (poly decay)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -59,6 +66,9 @@ def register(subparsers) -> None:
                        help="linear: last block; ms: last 4 blocks concatenated (Meta's heads)")
     train.add_argument("--binarize", action="store_true",
                        help="every non-zero mask value (except the ignore index) is class 1, e.g. instance ids")
+    train.add_argument("--loss-resolution", type=_loss_resolution, default=DEFAULT_LOSS_RESOLUTION,
+                       help="label cells per patch side the loss compares at (1 to the patch size; the patch "
+                            "size = the full resized image) or 'full' (the former F.interpolate path)")
     train.set_defaults(func=_segment_train)
     predict = actions.add_parser("predict", help="write <stem>.png class-index masks and <stem>_overlay.png")
     predict.add_argument("inputs", nargs="+", help="image files or folders of images")
@@ -90,6 +100,26 @@ def register(subparsers) -> None:
     actions.choices.open = True
 
 
+DEFAULT_LOSS_RESOLUTION = 7  # = dense.pixel_loss.DEFAULT_RESOLUTION (not imported: the CLI loads torch lazily)
+
+
+def _loss_resolution(text: str) -> int | None:
+    if text == "full":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of label cells per patch side or 'full'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1 label cell per patch side (or 'full')")
+    return value
+
+
+def _schedule(args) -> dict:
+    return dict(iterations=args.iterations, epochs=args.epochs, patience=None if args.no_early_stop else args.patience,
+                batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+
+
 def _cache(args):
     return None if args.no_cache else args.cache_dir
 
@@ -97,13 +127,13 @@ def _cache(args):
 def _segment_train(args) -> int:
     from dinokit.dense.segment import SegTrainConfig, train_segmentation
 
-    config = SegTrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
-                            weight_decay=args.weight_decay, seed=args.seed)
+    config = SegTrainConfig(**_schedule(args), loss_resolution=args.loss_resolution)
     metrics = train_segmentation(args.model, args.train, args.val, args.output, num_classes=args.num_classes,
                                  ignore_index=args.ignore_index, head=args.head, size=args.size,
                                  binarize=args.binarize, config=config, cache_dir=_cache(args),
                                  progress=not args.quiet)
-    print(json.dumps({k: metrics[k] for k in ("miou", "pixel_accuracy", "per_class_iou")}, indent=2))
+    print(json.dumps({k: metrics[k] for k in ("miou", "pixel_accuracy", "per_class_iou", "train_steps",
+                                              "stop_reason")}, indent=2))
     print(f"wrote {args.output}")
     return 0
 
@@ -119,12 +149,12 @@ def _segment_predict(args) -> int:
 def _depth_train(args) -> int:
     from dinokit.dense.depth_train import DepthTrainConfig, train_depth
 
-    config = DepthTrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
-                              weight_decay=args.weight_decay, seed=args.seed)
+    config = DepthTrainConfig(**_schedule(args))
     metrics = train_depth(args.model, args.train, args.val, args.output, depth_scale=args.depth_scale,
                           min_depth=args.min_depth, max_depth=args.max_depth, layers=args.layers, size=args.size,
                           config=config, cache_dir=_cache(args), progress=not args.quiet)
-    print(json.dumps({k: metrics[k] for k in ("abs_rel", "rmse", "log10", "a1", "a2", "a3")}, indent=2))
+    print(json.dumps({k: metrics[k] for k in ("abs_rel", "rmse", "log10", "a1", "a2", "a3", "train_steps",
+                                              "stop_reason")}, indent=2))
     print(f"wrote {args.output}")
     return 0
 

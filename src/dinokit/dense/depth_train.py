@@ -2,9 +2,14 @@
 blocks with CLS) trained on frozen, cached features with Meta's SigLoss; metrics of the depth toolbox.
 
 Training (dinokit's defaults; Meta's depth configs are not in its repository): AdamW lr 1e-3, wd 1e-4, 4%
-warm-up then poly decay, `iterations` steps of `batch_size` images; the predicted map (4x the patch grid) is
-upsampled to the padded image, cropped and resized to the depth map's resolution before the loss, as Meta's
-head resizes its prediction to the ground truth.
+warm-up then poly decay, batches of `batch_size` images for `epochs` passes with a plateau stop (or exactly
+`iterations` steps; `dense.head_training`); the predicted map (4x the patch grid) is upsampled to the padded
+image, cropped and resized to the depth map's resolution before the loss, as Meta's head resizes its prediction
+to the ground truth.
+
+The 1x1 conv runs on the patch grid before the x4 upsampling (both are linear and the bilinear weights sum to 1,
+so the order does not change the result; the conv then sees 16x fewer pixels), and both resizes are precomputed
+matrix pairs (`dense.interpolation`).
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ from dinokit.dense.features import (
     preprocess,
     to_image,
 )
+from dinokit.dense.head_training import FitLog, HeadTrainConfig, fit
+from dinokit.dense.interpolation import bilinear_weights, resize_separable, to_image_weights
 from dinokit.dense.linear_depth import LinearDepthHead
 from dinokit.dense.losses import sigloss
 from dinokit.dense.metrics import depth_errors, mean_depth_errors
 from dinokit.dense.output import MARKER, staged_output, write_predictions
 from dinokit.dense.padding import center_pad
 from dinokit.dense.palette import colorize_depth
-from dinokit.dense.segment import HeadTrainConfig, _poly_lr, finite_or_none
+from dinokit.dense.segment import finite_or_none
 
 ARCHITECTURE = "Dinov2ForDepthEstimation"
 
@@ -55,37 +62,28 @@ def load_depth_split(root, depth_scale: float):
 
 
 def _predict(head: LinearDepthHead, features: DenseFeatures, i: int, patch: int, out_size) -> torch.Tensor:
+    """Depth (H, W) of image i at `out_size`: Meta's head (bins from the x4-upsampled map) then `to_image`."""
     grid = features.grid(i)
-    maps = features.tokens(i).T.reshape(1, -1, *grid)
-    maps = F.interpolate(maps, size=(grid[0] * head.upsample, grid[1] * head.upsample), mode="bilinear",
-                         align_corners=False)
-    depth = head.depth_from_features(maps)[0]
-    return to_image(depth, features.resized(i), patch, out_size, grid=grid)[0]
+    fine = (grid[0] * head.upsample, grid[1] * head.upsample)
+    logits = F.linear(features.tokens(i), head.conv_depth.weight.flatten(1), head.conv_depth.bias)
+    logits = resize_separable(logits.T.reshape(-1, *grid), bilinear_weights(grid[0], fine[0]),
+                              bilinear_weights(grid[1], fine[1]))
+    depth = head.depth_from_logits(logits.unsqueeze(0))[0, 0]
+    rows, cols = to_image_weights(grid, features.resized(i), patch, tuple(out_size), maps=fine)
+    return resize_separable(depth, rows, cols)
 
 
-def fit_depth_head(head, features, depths, patch, config: DepthTrainConfig, progress=False) -> list[float]:
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = int(config.warmup_fraction * config.iterations)
+def fit_depth_head(head, features, depths, patch, config: DepthTrainConfig, progress=False) -> FitLog:
     targets = [torch.from_numpy(d) for d in depths]
-    losses, steps = [], range(config.iterations)
-    if progress:
-        from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="head", unit="step")
-    head.train()
-    for step in steps:
-        for group in optimizer.param_groups:
-            group["lr"] = _poly_lr(step, config.iterations, config.lr, warmup)
-        batch = torch.randint(len(features), (min(config.batch_size, len(features)),), generator=generator).tolist()
-        loss = sum(sigloss(_predict(head, features, i, patch, targets[i].shape), targets[i], head.max_depth)
+    def batch_loss(batch: list[int]) -> torch.Tensor:
+        return sum(sigloss(_predict(head, features, i, patch, targets[i].shape), targets[i], head.max_depth)
                    for i in batch) / len(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+
+    head.train()
+    log = fit(head.parameters(), len(features), batch_loss, config, progress)
     head.eval()
-    return losses
+    return log
 
 
 @torch.no_grad()
@@ -119,15 +117,16 @@ def train_depth(model, train, val, output, *, depth_scale: float = 1000.0, min_d
         torch.manual_seed(config.seed)
         bc = depther.config.backbone_config
         depther.head = LinearDepthHead(bc.hidden_size, layers, min_depth, max_depth)
-        losses = fit_depth_head(depther.head, train_features, train_depths, extractor.patch_size, config, progress)
+        fit_log = fit_depth_head(depther.head, train_features, train_depths, extractor.patch_size, config, progress)
         metrics = evaluate_depth_head(depther.head, val_features, val_depths, extractor.patch_size)
         metrics.update(train_images=len(train_samples), val_images=len(val_samples), layers=layers, size=size,
-                       depth_range=[min_depth, max_depth], seconds=round(time.perf_counter() - started, 2))
+                       depth_range=[min_depth, max_depth], seconds=round(time.perf_counter() - started, 2),
+                       train_steps=fit_log.steps, stop_reason=fit_log.stop_reason)
         depther.config.data["architectures"] = [ARCHITECTURE]
         depther.save_pretrained(staging)
         processor.save_pretrained(staging)
         atomic.write_text(staging / "training_log.json",
-                          json.dumps({"config": config.__dict__, "losses_every_50": losses[::50]}, indent=2))
+                          json.dumps({"config": config.__dict__, **fit_log.summary()}, indent=2))
         atomic.write_text(staging / MARKER, json.dumps(finite_or_none(metrics), indent=2))
     return metrics
 

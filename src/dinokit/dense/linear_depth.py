@@ -38,9 +38,13 @@ class LinearDepthHead(nn.Module):
 
     def depth_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> depth (B, 1, H, W), before Meta's clamp to [min_depth, max_depth]."""
-        p = F.relu(self.conv_depth(features)) + BIN_EPS
+        return self.depth_from_logits(self.conv_depth(features))
+
+    def depth_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, n_bins, H, W) bin logits (the conv's output) -> depth (B, 1, H, W)."""
+        p = F.relu(logits) + BIN_EPS
         p = p / p.sum(dim=1, keepdim=True)
-        return torch.einsum("bkhw,k->bhw", p, self.bins(features.device)).unsqueeze(1)
+        return torch.einsum("bkhw,k->bhw", p, self.bins(logits.device)).unsqueeze(1)
 
     def forward(self, levels) -> torch.Tensor:
         return self.depth_from_features(self.features(levels))

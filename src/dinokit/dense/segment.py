@@ -2,10 +2,12 @@
 
 Training (dinokit's defaults, scaled from Meta's published config — AdamW lr 1e-3, weight decay 1e-4, linear
 warm-up then poly(1) decay, batch 16, 40k iterations — to small data sets): AdamW lr 1e-3, wd 1e-4, 4% warm-up,
-poly decay, `iterations` steps of `batch_size` whole images; BatchNorm statistics over all the patches of a
-batch; logits upsampled x14, cropped to the image and scored against the mask resized (nearest) to the resized
-image, cross-entropy averaged over the labelled pixels (ignore index excluded). No augmentation: features are
-computed once. Evaluation at each image's original resolution with mmseg's mIoU (`dense.metrics`).
+poly decay, batches of `batch_size` whole images for `epochs` passes over the training set (at most 40k steps),
+stopping once the training loss has plateaued (`dense.head_training`); BatchNorm statistics over all the patches
+of a batch; cross-entropy averaged over the labelled pixels (ignore index excluded), the logits resized to
+`loss_resolution` label cells per patch side and the mask reduced to them by majority (`dense.pixel_loss`; the
+patch size = the full resized image). No augmentation: features are computed once. Evaluation at each image's
+original resolution with mmseg's mIoU (`dense.metrics`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from dinokit import atomic
@@ -33,27 +34,22 @@ from dinokit.dense.features import (
     preprocess,
     to_image,
 )
+from dinokit.dense.head_training import FitLog, HeadTrainConfig, fit
 from dinokit.dense.metrics import ConfusionMatrix
 from dinokit.dense.output import MARKER, staged_output, write_predictions
 from dinokit.dense.padding import center_pad
 from dinokit.dense.palette import index_png, overlay
+from dinokit.dense.pixel_loss import DEFAULT_RESOLUTION, PixelCrossEntropy, check_resolution
 from dinokit.dense.seg_head import BNSegHead
 from dinokit.dense.segmentation import ARCHITECTURES, Dinov2ForSemanticSegmentation, segmentation_class
 
 
 @dataclass
-class HeadTrainConfig:
-    """How a dense head is trained on cached features (segmentation and depth alike)."""
+class SegTrainConfig(HeadTrainConfig):
+    """HeadTrainConfig plus the label cells per patch side of the loss (None: the full-resolution F.interpolate
+    path of earlier versions)."""
 
-    iterations: int = 2000
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_fraction: float = 0.04
-    seed: int = 0
-
-
-SegTrainConfig = HeadTrainConfig
+    loss_resolution: int | None = DEFAULT_RESOLUTION
 
 
 @dataclass
@@ -78,54 +74,25 @@ def infer_num_classes(splits: list[SegSplit], ignore_index: int) -> int:
     return max(2, top + 1)
 
 
-def _poly_lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (1e-6 + (1 - 1e-6) * step / warmup)
-    return base * (1 - (step - warmup) / max(1, total - warmup))
-
-
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    if mask.shape == tuple(size):
-        return torch.from_numpy(mask)
-    image = Image.fromarray(mask.astype(np.int32), mode="I")
-    return torch.from_numpy(np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)).astype(np.int64))
-
-
 def fit_head(head: BNSegHead, features: DenseFeatures, masks: list[np.ndarray], patch_size: int,
-             ignore_index: int, config: SegTrainConfig, progress: bool = False) -> list[float]:
-    """Train `head` in place; returns the loss of every step."""
-    generator = torch.Generator().manual_seed(config.seed)
-    targets = [_resize_mask(m, features.resized(i)) for i, m in enumerate(masks)]
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = int(config.warmup_fraction * config.iterations)
-    head.train()
-    losses = []
-    steps = range(config.iterations)
-    if progress:
-        from tqdm.auto import tqdm
+             ignore_index: int, config: SegTrainConfig, progress: bool = False) -> FitLog:
+    """Train `head` in place; returns the FitLog (steps, stop reason, losses)."""
+    criterion = PixelCrossEntropy(features, masks, patch_size, ignore_index,
+                                  getattr(config, "loss_resolution", DEFAULT_RESOLUTION))
 
-        steps = tqdm(steps, desc="head", unit="step")
-    for step in steps:
-        for group in optimizer.param_groups:
-            group["lr"] = _poly_lr(step, config.iterations, config.lr, warmup)
-        batch = torch.randint(len(features), (min(config.batch_size, len(features)),), generator=generator).tolist()
+    def batch_loss(batch: list[int]) -> torch.Tensor:
         tokens = [features.tokens(i) for i in batch]
         logits = head.forward_flat(torch.cat(tokens)).split([len(t) for t in tokens])
         total, count = 0.0, 0
         for i, logit in zip(batch, logits):
-            grid = features.grid(i)
-            full = to_image(logit.T.reshape(-1, *grid), features.resized(i), patch_size, features.resized(i))
-            target = targets[i]
-            total = total + F.cross_entropy(full.unsqueeze(0), target.unsqueeze(0), ignore_index=ignore_index,
-                                            reduction="sum")
-            count += int((target != ignore_index).sum())
-        loss = total / max(count, 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+            loss, labelled = criterion(i, logit)
+            total, count = total + loss, count + labelled
+        return total / max(count, 1)
+
+    head.train()
+    log = fit(head.parameters(), len(features), batch_loss, config, progress)
     head.eval()
-    return losses
+    return log
 
 
 @torch.no_grad()
@@ -171,6 +138,7 @@ def train_segmentation(model, train, val, output, *, num_classes: int | None = N
     segmenter.eval()
     processor = dense_processor(size, backbone)
     check_processor(processor, segmenter.config.patch_size)
+    check_resolution(getattr(config, "loss_resolution", DEFAULT_RESOLUTION), segmenter.config.patch_size)
     with staged_output(Path(output), "dinokit segment train", ARCHITECTURES) as staging:
         extractor = SegmentationFeatures(segmenter)
         train_features = split_features(extractor, train_split, processor, cache_dir, progress)
@@ -178,7 +146,7 @@ def train_segmentation(model, train, val, output, *, num_classes: int | None = N
         features_s = time.perf_counter() - started
         torch.manual_seed(config.seed)
         segmenter.decode_head = BNSegHead(segmenter.feature_channels, num_classes)
-        losses = fit_head(segmenter.decode_head, train_features, train_split.masks, extractor.patch_size,
+        fit_log = fit_head(segmenter.decode_head, train_features, train_split.masks, extractor.patch_size,
                           ignore_index, config, progress)
         train_s = time.perf_counter() - started - features_s
         class_names = [segmenter.config.id2label[i] for i in range(num_classes)]
@@ -188,10 +156,11 @@ def train_segmentation(model, train, val, output, *, num_classes: int | None = N
                        num_classes=num_classes, ignore_index=ignore_index, head=head, size=size,
                        seconds={"features": round(features_s, 2), "head": round(train_s, 2),
                                 "total": round(time.perf_counter() - started, 2)},
-                       features_from_cache=bool(train_features.from_cache and val_features.from_cache))
+                       features_from_cache=bool(train_features.from_cache and val_features.from_cache),
+                       train_steps=fit_log.steps, stop_reason=fit_log.stop_reason)
         segmenter.save_pretrained(staging)
         processor.save_pretrained(staging)
-        log = {"config": config.__dict__, "losses_every_50": losses[::50], "final_loss": losses[-1] if losses else None}
+        log = {"config": config.__dict__, **fit_log.summary()}
         atomic.write_text(staging / "training_log.json", json.dumps(log, indent=2))
         atomic.write_text(staging / MARKER, json.dumps(finite_or_none(metrics), indent=2))
     return metrics

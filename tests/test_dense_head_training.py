@@ -1,0 +1,162 @@
+"""Fast dense-head training (issue 26): resizes as precomputed matrices equal F.interpolate / to_image, the
+cell-count loss at the patch size equals the full-resolution loss, the step count follows the data (epochs, cap,
+plateau stop), and the commands accept the new options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dense_helpers import depth_dataset, seg_dataset, tiny_backbone
+from dinokit.cli import main
+from dinokit.dense.depth_train import _predict
+from dinokit.dense.features import DenseFeatures, to_image
+from dinokit.dense.head_training import HeadTrainConfig, fit, plan
+from dinokit.dense.interpolation import bilinear_weights, resize_separable, to_image_weights
+from dinokit.dense.linear_depth import LinearDepthHead
+from dinokit.dense.pixel_loss import PixelCrossEntropy, cell_counts, label_cells
+
+
+@pytest.mark.parametrize("n_in,n_out", [(5, 70), (37, 518), (49, 686), (7, 3), (518, 180), (1, 5), (6, 6)])
+def test_bilinear_weight_matrices_equal_f_interpolate(n_in, n_out):
+    x = torch.randn(2, 3, n_in, n_in + 2, dtype=torch.float64)
+    # float64 reference: F.interpolate in float32 itself rounds its source indices (errors up to ~2e-5 at 37 -> 518)
+    expected = F.interpolate(x, size=(n_out, n_out + 1), mode="bilinear", align_corners=False)
+    got = resize_separable(x, bilinear_weights(n_in, n_out).double(), bilinear_weights(n_in + 2, n_out + 1).double())
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert torch.allclose(bilinear_weights(n_in, n_out).sum(1), torch.ones(n_out))  # a blend: rows sum to 1
+
+
+@pytest.mark.parametrize("out_size", [(60, 90), (180, 270), (30, 45), (13, 19), (60, 45)])
+def test_to_image_weights_equal_to_image_upsample_crop_and_resize(out_size):
+    maps = torch.randn(4, 5, 7, dtype=torch.float64)  # a 5 x 7 patch grid of a 60 x 90 image padded to 70 x 98
+    rows, cols = to_image_weights((5, 7), (60, 90), 14, out_size)
+    assert torch.allclose(resize_separable(maps, rows.double(), cols.double()), to_image(maps, (60, 90), 14, out_size),
+                          atol=1e-5, rtol=0)
+    fine = torch.randn(4, 20, 28, dtype=torch.float64)  # the depth head's x4 map of the same grid
+    rows, cols = to_image_weights((5, 7), (60, 90), 14, out_size, maps=(20, 28))
+    assert torch.allclose(resize_separable(fine, rows.double(), cols.double()),
+                          to_image(fine, (60, 90), 14, out_size, grid=(5, 7)), atol=1e-5, rtol=0)
+
+
+def _seg_features(n=3, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    resized, grid = (60, 90), (5, 7)
+    tokens = rng.normal(size=(n * 35, 8)).astype(np.float16)
+    masks = [rng.integers(0, classes, size=(45, 67)) for _ in range(n)]  # original size: resized (nearest) for the loss
+    for mask in masks:
+        mask[:3] = 255
+    return DenseFeatures(tokens, np.array([[*grid, *resized]] * n), [f"s{i}" for i in range(n)]), masks
+
+
+def test_cell_count_loss_at_the_patch_size_equals_the_full_resolution_loss_and_gradient():
+    features, masks = _seg_features()
+    weight = torch.randn(3, 8, requires_grad=True)
+    results = {}
+    for resolution in (None, 14):
+        criterion = PixelCrossEntropy(features, masks, 14, 255, resolution)
+        total, count = 0.0, 0
+        for i in range(len(features)):
+            loss, labelled = criterion(i, features.tokens(i) @ weight.T)
+            total, count = total + loss, count + labelled
+        (grad,) = torch.autograd.grad(total / count, weight)
+        results[resolution] = (total / count, grad, count)
+    (full, full_grad, full_count), (cells, cells_grad, cells_count) = results[None], results[14]
+    assert full_count == cells_count
+    assert torch.allclose(cells, full, rtol=1e-5, atol=0)
+    assert torch.allclose(cells_grad, full_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_coarser_loss_counts_every_labelled_pixel_of_a_cell_by_class():
+    mask = np.array([[0, 1, 1, 1], [0, 1, 255, 255]])
+    cell, label, count = cell_counts(mask, (1, 2), 255)
+    assert sorted(zip(cell.tolist(), label.tolist(), count.tolist())) == [(0, 0, 2), (0, 1, 2), (1, 1, 2)]
+    assert label_cells((60, 90), 14, 7) == (30, 45) and label_cells((60, 90), 14, 14) == (60, 90)
+
+
+def test_loss_resolution_above_the_patch_size_is_refused():
+    features, masks = _seg_features(n=1)
+    with pytest.raises(ValueError, match="--loss-resolution 15 is out of range"):
+        PixelCrossEntropy(features, masks, 14, 255, 15)
+
+
+def test_step_count_follows_the_data_size_with_a_cap_and_iterations_win():
+    assert plan(HeadTrainConfig(), 48) == (600, 6, "epochs")  # 100 epochs of ceil(48 / 8) batches
+    assert plan(HeadTrainConfig(epochs=2.5), 50) == (18, 7, "epochs")
+    assert plan(HeadTrainConfig(), 20_000) == (40_000, 2500, "max_steps")
+    assert plan(HeadTrainConfig(iterations=7, epochs=3), 48) == (7, 6, "iterations")
+    assert plan(HeadTrainConfig(batch_size=8), 3) == (100, 1, "epochs")  # a batch is at most the whole set
+
+
+def _fit_constant_then(loss_of_step, config, n_items=12):
+    parameter = torch.zeros(1, requires_grad=True)
+    calls = []
+
+    def batch_loss(batch):
+        calls.append(batch)
+        return parameter.sum() * 0 + loss_of_step(len(calls))
+
+    return fit([parameter], n_items, batch_loss, config), calls
+
+
+def test_plateau_stop_ends_training_after_patience_epochs_without_improvement():
+    log, calls = _fit_constant_then(lambda step: 1.0, HeadTrainConfig(epochs=50, batch_size=4, patience=3))
+    assert log.stop_reason == "plateau" and log.steps == 4 * 3 and len(log.epoch_losses) == 4
+    assert sorted(i for batch in calls[:3] for i in batch) == list(range(12))  # an epoch sees every image once
+    log, _ = _fit_constant_then(lambda step: 1.0, HeadTrainConfig(epochs=10, batch_size=4, patience=None))
+    assert log.stop_reason == "epochs" and log.steps == 30
+    log, _ = _fit_constant_then(lambda step: 1.0 / step, HeadTrainConfig(epochs=10, batch_size=4, patience=3))
+    assert log.stop_reason == "epochs" and log.steps == 30  # still improving: runs every epoch
+    log, _ = _fit_constant_then(lambda step: 1.0, HeadTrainConfig(iterations=25, batch_size=4, patience=3))
+    assert log.stop_reason == "iterations" and log.steps == 25  # a fixed step count never stops early
+
+
+def test_conv_first_depth_prediction_equals_upsample_then_conv():
+    torch.manual_seed(0)
+    head = LinearDepthHead(4, 1, 0.001, 10.0)
+    tokens = torch.randn(35, 8)
+    features = DenseFeatures(tokens.numpy().astype(np.float16), np.array([[5, 7, 60, 90]]), ["a"])
+    maps = features.tokens(0).T.reshape(1, 8, 5, 7)
+    reference = head.depth_from_features(F.interpolate(maps, size=(20, 28), mode="bilinear", align_corners=False))
+    reference = to_image(reference[0], (60, 90), 14, (45, 67), grid=(5, 7))[0]
+    assert torch.allclose(_predict(head, features, 0, 14, (45, 67)), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return tiny_backbone(tmp_path_factory.mktemp("backbone") / "model", layers=1)
+
+
+def test_segment_and_depth_train_by_epochs_log_steps_and_stop_reason(backbone, tmp_path, capsys):
+    common = ["--model", str(backbone), "--size", "28", "--batch-size", "2", "--quiet", "--no-cache"]
+    train, val = seg_dataset(tmp_path / "train"), seg_dataset(tmp_path / "val", seed=1)
+    out = tmp_path / "seg"
+    assert main(["segment", "train", *common, "--train", str(train), "--val", str(val), "--output", str(out),
+                 "--epochs", "3", "--loss-resolution", "4"]) == 0
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["steps"] == 6 and log["stop_reason"] == "epochs" and log["config"]["loss_resolution"] == 4
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 6
+    train, val = depth_dataset(tmp_path / "dtrain"), depth_dataset(tmp_path / "dval", seed=1)
+    out = tmp_path / "depth"
+    assert main(["depth", "train", *common, "--train", str(train), "--val", str(val), "--output", str(out),
+                 "--layers", "1", "--epochs", "2", "--no-early-stop"]) == 0
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["steps"] == 4 and log["config"]["patience"] is None
+
+
+@pytest.mark.parametrize("value,message", [("0", "at least 1 label cell"), ("half", "'half' is not a number"),
+                                           ("20", "--loss-resolution 20 is out of range")])
+def test_bad_loss_resolution_is_one_clear_error(backbone, tmp_path, capsys, value, message):
+    train = seg_dataset(tmp_path / "train", n=2)
+    try:  # a malformed value is refused by argparse (SystemExit 2), one out of range by the command (exit 2)
+        code = main(["segment", "train", "--model", str(backbone), "--train", str(train), "--val", str(train),
+                     "--output", str(tmp_path / "out"), "--size", "28", "--quiet", "--no-cache",
+                     "--loss-resolution", value])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
