@@ -174,7 +174,11 @@ def test_sampling_multiplier_and_leaf_strategies():
     x, _ = gaussian_mixture([50, 10], seed=10)
     levels = [hierarchy.cluster_level(x, 2, n_iters=5, resample_steps=0)]
     rows, times = sampling.sample(levels, 200, multiplier=3)
-    assert times.sum() == 60 * 3 - 0 or times.sum() == 180  # everything, three times: 180 < 200
+    # a budget above 3 x the pool: every image, each exactly three times (180 < 200)
+    np.testing.assert_array_equal(rows, np.arange(60))
+    assert (times == 3).all()
+    rows, times = sampling.sample(levels, 100, multiplier=3)  # 100 of 180: no image more than three times
+    assert times.sum() == 100 and times.max() <= 3 and len(rows) == len(set(rows.tolist()))
     rows, times = sampling.sample(levels, 10, leaf="closest")
     lv = levels[0]
     for c in range(lv.k):
