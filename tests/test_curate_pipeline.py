@@ -154,6 +154,42 @@ def test_cli_end_to_end_and_a_stage_run_alone_is_reused_by_the_full_run(tmp_path
     assert (out / "cluster_thumbnails.png").is_file() and "cluster_thumbnails.png" in (out / "report.html").read_text()
 
 
+def test_a_clip_retrieval_folder_is_a_pool_and_selected_txt_feeds_train_and_embed(tmp_path):
+    """clip-retrieval's own layout (float16 shards, `image_path` and `key` columns, no manifest.json) is curated
+    like a `dinokit embed` folder; selected.txt lists those images, and `dinokit train --data` and `dinokit
+    embed` read it as the same files in the same order."""
+    import pyarrow as pa
+
+    from dinokit.apps.embed import list_entries
+    from dinokit.data.datasets import training_entries
+
+    x, _ = mixture(9)
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    paths = []
+    for i in range(len(x)):
+        paths.append(str(image_dir / f"{i:04d}.png"))
+        Image.new("RGB", (8, 8), (i % 256, i // 256, 0)).save(paths[-1])
+    folder = tmp_path / "clip_retrieval"
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    half = len(x) // 2
+    for shard, (a, b) in enumerate([(0, half), (half, len(x))]):
+        np.save(folder / "img_emb" / f"img_emb_{shard}.npy", x[a:b].astype(np.float16))
+        pq.write_table(pa.table({"image_path": paths[a:b], "key": [f"{i:09d}" for i in range(a, b)]}),
+                       folder / "metadata" / f"metadata_{shard}.parquet")
+    out = tmp_path / "out"
+    assert main(["curate", str(folder), "-o", str(out), "--target", "100", "--levels", "20,4", "--iters", "5",
+                 "--resample-steps", "1", "--quiet"]) == 0
+    table = pq.read_table(out / "selected.parquet").to_pydict()
+    assert sum(table["times_selected"]) == 100 and table["path"] == [paths[r] for r in table["row"]]
+    assert table["key"] == [f"{r:09d}" for r in table["row"]]
+    listed = (out / "selected.txt").read_text().splitlines()
+    assert listed == table["path"]
+    assert [str(e.path) for e in training_entries(str(out / "selected.txt"))] == listed
+    assert [e.path for e in list_entries([str(out / "selected.txt")])] == listed
+
+
 @pytest.mark.parametrize("problem, message", [
     ("seed_dim", "16-d vectors but the pool"),
     ("nan", "NaN or infinite"),
