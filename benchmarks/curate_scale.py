@@ -70,7 +70,8 @@ def main():
     parser.add_argument("--exact-max", type=int, default=200_000)
     parser.add_argument("--output", default=None, help="JSON file for the figures")
     args = parser.parse_args()
-    print(f"CPU: {cpu_description()}; load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    load_start = os.getloadavg()[0]
+    print(f"CPU: {cpu_description()}; load average {load_start:.1f} at start", flush=True)
     rng = np.random.default_rng(0)
     x = synthetic(args.n, args.dim, rng)
     rows = []
@@ -107,7 +108,8 @@ def main():
     print(f"| total | {total:.1f} | {max(r['peak_rss_gb'] for r in rows)} |")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"cpu": cpu_description(), "args": vars(args), "levels": ks, "stages": rows}, f, indent=1)
+            json.dump({"cpu": cpu_description(), "load_average": [round(load_start, 1), round(os.getloadavg()[0], 1)],
+                       "args": vars(args), "levels": ks, "stages": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
