@@ -207,6 +207,7 @@ def test_a_clip_retrieval_folder_is_a_pool_and_selected_txt_feeds_train_and_embe
     ("levels", "--levels takes positive cluster counts"),
     ("exclude_threshold", "--exclude-threshold is a cosine similarity"),
     ("same_names", "two --exclude sets have the same NAME"),
+    ("device", "--device is auto, cpu, cuda or cuda:N, got 'gpu'"),
 ])
 def test_bad_inputs_get_one_clear_error_and_no_output(tmp_path, capsys, problem, message):
     x, _ = mixture(6)
@@ -260,10 +261,24 @@ def test_bad_inputs_get_one_clear_error_and_no_output(tmp_path, capsys, problem,
         argv += ["--exclude", f"ev={pool}", "--exclude-threshold", "1.5"]
     elif problem == "same_names":
         argv += ["--exclude", f"ev={pool}", "--exclude", f"ev={pool}"]
+    elif problem == "device":  # was taken for the CPU without a word
+        argv += ["--device", "gpu"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine (and on a GPU one)
+    np.save(tmp_path / "pool.npy", mixture(6)[0])
+    assert main(["curate", str(tmp_path / "pool.npy"), "-o", str(tmp_path / "out"), "--device", "cuda",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: torch sees no CUDA GPU" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # was: dedup ran and wrote its files, then torch failed
 
 
 def test_skip_invalid_leaves_bad_rows_out_lists_them_and_curates_the_rest_as_without_them(tmp_path, capsys):
