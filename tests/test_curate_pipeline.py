@@ -111,6 +111,10 @@ def test_balanced_sampling_from_an_embedding_folder_beats_random_on_class_entrop
     assert entropy(np.array(table["row"])) > uniform + 0.05
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["levels"] == [60, 15] and manifest["counts"]["target"] == 300
+    import faiss
+
+    assert manifest["versions"]["numpy"] == np.__version__ and manifest["versions"]["faiss"] == faiss.__version__
+    assert manifest["options"]["random_seed"] == 0 and manifest["options"]["device"] in ("cpu", "cuda")  # resolved
     assert "entropy" in (tmp_path / "out" / "report.html").read_text()
 
 

@@ -230,7 +230,7 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
 
         write_report(out, pool, run.counts, levels, survivors, selection, options)
         manifest = {
-            "complete": True, "dinokit_version": __version__, "pool": pool.source,
+            "complete": True, "dinokit_version": __version__, "versions": _versions(options), "pool": pool.source,
             "pool_manifest_model": (pool.manifest.get("model") or {}).get("spec"),
             "num_pool": len(pool), "dim": pool.dim,
             "pool_names_sha256": hashlib.sha256("\n".join(pool.names()).encode()).hexdigest(),  # `serve --curate`
@@ -243,6 +243,26 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
         atomic.write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
     log(f"done: {run.counts.get('selected_images', 0):,} images selected -> {out}")
     return CurateReport(str(out), run.counts, run.ran, run.reused, run.counts.get("selected_images", 0))
+
+
+def _versions(options: CurateOptions) -> dict:
+    """The libraries whose arithmetic or file formats the outputs depend on (torch and ray when they ran)."""
+    import platform
+
+    import faiss
+    import pyarrow
+
+    versions = {"dinokit": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                "faiss": getattr(faiss, "__version__", "unknown"), "pyarrow": pyarrow.__version__}
+    if options.device != "cpu":
+        import torch
+
+        versions["torch"] = torch.__version__
+    if options.engine == "ray":
+        import ray
+
+        versions["ray"] = ray.__version__
+    return versions
 
 
 @contextlib.contextmanager
