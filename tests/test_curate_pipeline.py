@@ -4,6 +4,7 @@ retrieval, outputs, clear errors on bad input, stages run alone, and resume afte
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -156,6 +157,21 @@ def test_cli_end_to_end_and_a_stage_run_alone_is_reused_by_the_full_run(tmp_path
     kept = int(np.load(out / "dedup" / "keep.npy").sum())
     assert len(lines) == round(0.2 * kept) and set(lines) <= set(paths)
     assert (out / "cluster_thumbnails.png").is_file() and "cluster_thumbnails.png" in (out / "report.html").read_text()
+
+
+def test_every_long_stage_shows_a_progress_bar_unless_quiet(tmp_path, capsys):
+    x, _ = mixture(10)
+    np.save(tmp_path / "pool.npy", x)
+    np.save(tmp_path / "seeds.npy", x[:10])
+    common = dict(target=100, levels=[20, 4], retrieval="sample", **FAST)
+    curate(tmp_path / "pool.npy", tmp_path / "out", seeds=[("s", str(tmp_path / "seeds.npy"))],
+           options=CurateOptions(**common))
+    segments = re.split(r"[\r\n]", capsys.readouterr().err)
+    for bar in (r"check pool", r"check s", r"k-NN search", r"k-means\+\+", r"Lloyd \([\d,]+ -> 20\)", r"Lloyd \(20 -> 4\)"):
+        assert any(re.match(bar, line) and "%|" in line for line in segments), bar  # a tqdm bar, not a log line
+    curate(tmp_path / "pool.npy", tmp_path / "quiet", seeds=[("s", str(tmp_path / "seeds.npy"))],
+           options=CurateOptions(**common), quiet=True)
+    assert capsys.readouterr().err == ""
 
 
 def test_a_clip_retrieval_folder_is_a_pool_and_selected_txt_feeds_train_and_embed(tmp_path):
