@@ -210,6 +210,25 @@ def test_a_clip_retrieval_folder_is_a_pool_and_selected_txt_feeds_train_and_embe
     assert [e.path for e in list_entries([str(out / "selected.txt")])] == listed
 
 
+def test_selected_txt_of_a_pool_embedded_from_webdataset_shards_feeds_train(tmp_path):
+    from dinokit.data import sources
+    from dinokit.data.datasets import training_entries
+    from shards import write_shard
+
+    rng = np.random.default_rng(11)
+    for shard in range(3):
+        write_shard(tmp_path / f"{shard:05d}.tar", shard, 35, rng)
+    samples = sources.list_entries(str(tmp_path / "{00000..00002}.tar"))
+    x, _ = mixture(11)
+    folder = write_folder(tmp_path / "emb", x[:len(samples)], [e.name for e in samples])  # embed's names
+    curate(folder, tmp_path / "out", options=CurateOptions(target=30, levels=[6, 2], **FAST), quiet=True)
+    listed = (tmp_path / "out" / "selected.txt").read_text().splitlines()
+    assert len(listed) == 30 and all(".tar#" in line for line in listed)
+    entries = training_entries(str(tmp_path / "out" / "selected.txt"))
+    assert sorted(e.key for e in entries) == sorted(listed)
+    assert all(sources.read_sample(e).image is not None for e in entries)
+
+
 @pytest.mark.parametrize("problem, message", [
     ("seed_dim", "16-d vectors but the pool"),
     ("nan", "NaN or infinite"),
