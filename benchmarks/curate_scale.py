@@ -6,6 +6,7 @@ near-duplicates. Stages: self-dedup (k-NN graph, k = 64, exact up to --exact-max
 the thread count and the load average (a shared machine's load slows every figure).
 
     python benchmarks/curate_scale.py --n 100000 --dim 384 --iters 10 --resample-steps 1
+    python benchmarks/curate_scale.py --n 1000000 --dim 384 --iters 5 --resample-steps 0 --levels 1000,100
 """
 
 from __future__ import annotations
@@ -68,26 +69,37 @@ def main():
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--resample-steps", type=int, default=1)
     parser.add_argument("--exact-max", type=int, default=200_000)
-    parser.add_argument("--output", default=None, help="JSON file for the figures")
+    parser.add_argument("--levels", default=None, help="clusters per level, e.g. 1000,100 (default: curate's rule)")
+    parser.add_argument("--output", default=None, help="JSON file for the figures (rewritten after every stage)")
     args = parser.parse_args()
-    print(f"CPU: {cpu_description()}; load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    load_start = os.getloadavg()[0]
+    print(f"CPU: {cpu_description()}; load average {load_start:.1f} at start", flush=True)
     rng = np.random.default_rng(0)
     x = synthetic(args.n, args.dim, rng)
-    rows = []
+    rows, ks = [], []
 
     def stage(name, fn):
         with PeakRSS() as memory:
             start = time.perf_counter()
             result = fn()
             seconds = time.perf_counter() - start
-        rows.append({"stage": name, "seconds": round(seconds, 2), "peak_rss_gb": round(memory.peak / 2 ** 30, 2)})
+        rows.append({"stage": name, "seconds": round(seconds, 2), "peak_rss_gb": round(memory.peak / 2 ** 30, 2),
+                     "load_average_after": round(os.getloadavg()[0], 1)})
         print(f"{name}: {seconds:.1f} s, peak RSS {memory.peak / 2 ** 30:.2f} GB", flush=True)
+        save(done=False)
         return result
+
+    def save(done: bool):
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump({"cpu": cpu_description(), "complete": done,
+                           "load_average": [round(load_start, 1), round(os.getloadavg()[0], 1)],
+                           "args": vars(args), "levels": ks, "stages": rows}, f, indent=1)
 
     result = stage(f"dedup (64-NN graph, {'exact' if args.n <= args.exact_max else 'IVF'})",
                    lambda: dedup.self_dedup(x, 0.95, exact_max=args.exact_max))
     survivors = x[result.keep]
-    ks = hierarchy.default_levels(len(survivors))
+    ks[:] = [int(v) for v in args.levels.split(",")] if args.levels else hierarchy.default_levels(len(survivors))
     levels, level_input = [], survivors
     for i, k in enumerate(ks):
         def run_level(level_input=level_input, k=k, i=i):
@@ -105,9 +117,7 @@ def main():
     for r in rows:
         print(f"| {r['stage']} | {r['seconds']} | {r['peak_rss_gb']} |")
     print(f"| total | {total:.1f} | {max(r['peak_rss_gb'] for r in rows)} |")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"cpu": cpu_description(), "args": vars(args), "levels": ks, "stages": rows}, f, indent=1)
+    save(done=True)
 
 
 if __name__ == "__main__":

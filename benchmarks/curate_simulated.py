@@ -22,7 +22,7 @@ import numpy as np
 from dinokit.curate import hierarchy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from curate_scale import cpu_description  # noqa: E402
+from machine import cpu_description  # noqa: E402
 
 GRID = np.arange(-3, 3 + 1e-9, 0.02)
 PUBLISHED = {"raw data (300 points)": 0.942, "k-means 300": 0.340, "2 levels 1500,300": 0.132,

@@ -174,7 +174,11 @@ def test_sampling_multiplier_and_leaf_strategies():
     x, _ = gaussian_mixture([50, 10], seed=10)
     levels = [hierarchy.cluster_level(x, 2, n_iters=5, resample_steps=0)]
     rows, times = sampling.sample(levels, 200, multiplier=3)
-    assert times.sum() == 60 * 3 - 0 or times.sum() == 180  # everything, three times: 180 < 200
+    # a budget above 3 x the pool: every image, each exactly three times (180 < 200)
+    np.testing.assert_array_equal(rows, np.arange(60))
+    assert (times == 3).all()
+    rows, times = sampling.sample(levels, 100, multiplier=3)  # 100 of 180: no image more than three times
+    assert times.sum() == 100 and times.max() <= 3 and len(rows) == len(set(rows.tolist()))
     rows, times = sampling.sample(levels, 10, leaf="closest")
     lv = levels[0]
     for c in range(lv.k):
@@ -271,3 +275,31 @@ def test_ivf_knn_graph_finds_planted_copies_like_the_exact_one():
     for result in (exact, approximate):
         assert np.mean(result.component[planted] == result.component[len(x):]) >= 0.95
         assert result.keep.sum() == len(x)
+
+
+def test_device_auto_takes_a_gpu_only_when_torch_sees_one_and_nothing_asks_for_the_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert kmeans.resolve_device("auto") == "cuda"
+    assert kmeans.resolve_device("auto", precision="float64") == "cpu"  # float64 assignments run on the CPU
+    assert kmeans.resolve_device("auto", engine="ray") == "cpu"  # Ray tasks assign with faiss on the workers
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert kmeans.resolve_device("auto") == "cpu" and kmeans.resolve_device("cpu") == "cpu"
+
+
+def test_devices_that_cannot_run_the_assignments_are_refused(monkeypatch):
+    import torch
+
+    with pytest.raises(ValueError, match="--device is auto, cpu, cuda or cuda:N, got 'gpu'"):
+        kmeans.resolve_device("gpu")
+    with pytest.raises(ValueError, match="float64 assignments run on the CPU"):
+        kmeans.resolve_device("cuda", precision="float64")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+        kmeans.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert kmeans.resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="has 2 CUDA GPU"):
+        kmeans.resolve_device("cuda:2")

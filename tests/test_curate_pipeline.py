@@ -4,6 +4,7 @@ retrieval, outputs, clear errors on bad input, stages run alone, and resume afte
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -111,6 +112,10 @@ def test_balanced_sampling_from_an_embedding_folder_beats_random_on_class_entrop
     assert entropy(np.array(table["row"])) > uniform + 0.05
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["levels"] == [60, 15] and manifest["counts"]["target"] == 300
+    import faiss
+
+    assert manifest["versions"]["numpy"] == np.__version__ and manifest["versions"]["faiss"] == faiss.__version__
+    assert manifest["options"]["random_seed"] == 0 and manifest["options"]["device"] in ("cpu", "cuda")  # resolved
     assert "entropy" in (tmp_path / "out" / "report.html").read_text()
 
 
@@ -154,6 +159,76 @@ def test_cli_end_to_end_and_a_stage_run_alone_is_reused_by_the_full_run(tmp_path
     assert (out / "cluster_thumbnails.png").is_file() and "cluster_thumbnails.png" in (out / "report.html").read_text()
 
 
+def test_every_long_stage_shows_a_progress_bar_unless_quiet(tmp_path, capsys):
+    x, _ = mixture(10)
+    np.save(tmp_path / "pool.npy", x)
+    np.save(tmp_path / "seeds.npy", x[:10])
+    common = dict(target=100, levels=[20, 4], retrieval="sample", **FAST)
+    curate(tmp_path / "pool.npy", tmp_path / "out", seeds=[("s", str(tmp_path / "seeds.npy"))],
+           options=CurateOptions(**common))
+    segments = re.split(r"[\r\n]", capsys.readouterr().err)
+    for bar in (r"check pool", r"check s", r"k-NN search", r"k-means\+\+", r"Lloyd \([\d,]+ -> 20\)", r"Lloyd \(20 -> 4\)"):
+        assert any(re.match(bar, line) and "%|" in line for line in segments), bar  # a tqdm bar, not a log line
+    curate(tmp_path / "pool.npy", tmp_path / "quiet", seeds=[("s", str(tmp_path / "seeds.npy"))],
+           options=CurateOptions(**common), quiet=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_clip_retrieval_folder_is_a_pool_and_selected_txt_feeds_train_and_embed(tmp_path):
+    """clip-retrieval's own layout (float16 shards, `image_path` and `key` columns, no manifest.json) is curated
+    like a `dinokit embed` folder; selected.txt lists those images, and `dinokit train --data` and `dinokit
+    embed` read it as the same files in the same order."""
+    import pyarrow as pa
+
+    from dinokit.apps.embed import list_entries
+    from dinokit.data.datasets import training_entries
+
+    x, _ = mixture(9)
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    paths = []
+    for i in range(len(x)):
+        paths.append(str(image_dir / f"{i:04d}.png"))
+        Image.new("RGB", (8, 8), (i % 256, i // 256, 0)).save(paths[-1])
+    folder = tmp_path / "clip_retrieval"
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    half = len(x) // 2
+    for shard, (a, b) in enumerate([(0, half), (half, len(x))]):
+        np.save(folder / "img_emb" / f"img_emb_{shard}.npy", x[a:b].astype(np.float16))
+        pq.write_table(pa.table({"image_path": paths[a:b], "key": [f"{i:09d}" for i in range(a, b)]}),
+                       folder / "metadata" / f"metadata_{shard}.parquet")
+    out = tmp_path / "out"
+    assert main(["curate", str(folder), "-o", str(out), "--target", "100", "--levels", "20,4", "--iters", "5",
+                 "--resample-steps", "1", "--quiet"]) == 0
+    table = pq.read_table(out / "selected.parquet").to_pydict()
+    assert sum(table["times_selected"]) == 100 and table["path"] == [paths[r] for r in table["row"]]
+    assert table["key"] == [f"{r:09d}" for r in table["row"]]
+    listed = (out / "selected.txt").read_text().splitlines()
+    assert listed == table["path"]
+    assert [str(e.path) for e in training_entries(str(out / "selected.txt"))] == listed
+    assert [e.path for e in list_entries([str(out / "selected.txt")])] == listed
+
+
+def test_selected_txt_of_a_pool_embedded_from_webdataset_shards_feeds_train(tmp_path):
+    from dinokit.data import sources
+    from dinokit.data.datasets import training_entries
+    from shards import write_shard
+
+    rng = np.random.default_rng(11)
+    for shard in range(3):
+        write_shard(tmp_path / f"{shard:05d}.tar", shard, 35, rng)
+    samples = sources.list_entries(str(tmp_path / "{00000..00002}.tar"))
+    x, _ = mixture(11)
+    folder = write_folder(tmp_path / "emb", x[:len(samples)], [e.name for e in samples])  # embed's names
+    curate(folder, tmp_path / "out", options=CurateOptions(target=30, levels=[6, 2], **FAST), quiet=True)
+    listed = (tmp_path / "out" / "selected.txt").read_text().splitlines()
+    assert len(listed) == 30 and all(".tar#" in line for line in listed)
+    entries = training_entries(str(tmp_path / "out" / "selected.txt"))
+    assert sorted(e.key for e in entries) == sorted(listed)
+    assert all(sources.read_sample(e).image is not None for e in entries)
+
+
 @pytest.mark.parametrize("problem, message", [
     ("seed_dim", "16-d vectors but the pool"),
     ("nan", "NaN or infinite"),
@@ -171,6 +246,7 @@ def test_cli_end_to_end_and_a_stage_run_alone_is_reused_by_the_full_run(tmp_path
     ("levels", "--levels takes positive cluster counts"),
     ("exclude_threshold", "--exclude-threshold is a cosine similarity"),
     ("same_names", "two --exclude sets have the same NAME"),
+    ("device", "--device is auto, cpu, cuda or cuda:N, got 'gpu'"),
 ])
 def test_bad_inputs_get_one_clear_error_and_no_output(tmp_path, capsys, problem, message):
     x, _ = mixture(6)
@@ -224,10 +300,24 @@ def test_bad_inputs_get_one_clear_error_and_no_output(tmp_path, capsys, problem,
         argv += ["--exclude", f"ev={pool}", "--exclude-threshold", "1.5"]
     elif problem == "same_names":
         argv += ["--exclude", f"ev={pool}", "--exclude", f"ev={pool}"]
+    elif problem == "device":  # was taken for the CPU without a word
+        argv += ["--device", "gpu"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine (and on a GPU one)
+    np.save(tmp_path / "pool.npy", mixture(6)[0])
+    assert main(["curate", str(tmp_path / "pool.npy"), "-o", str(tmp_path / "out"), "--device", "cuda",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: torch sees no CUDA GPU" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # was: dedup ran and wrote its files, then torch failed
 
 
 def test_skip_invalid_leaves_bad_rows_out_lists_them_and_curates_the_rest_as_without_them(tmp_path, capsys):

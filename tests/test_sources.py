@@ -12,7 +12,7 @@ import pytest
 from dinokit.apps import store
 from dinokit.apps.embed import embed
 from dinokit.data import sources
-from dinokit.data.datasets import UnlabeledImageDataset
+from dinokit.data.datasets import UnlabeledImageDataset, training_entries
 from dinokit.data.images import read_image
 from dinokit.ssl.loader import InfiniteShardedSampler
 from shards import write_shard
@@ -122,6 +122,24 @@ def test_embedding_shards_gives_the_vectors_of_the_same_images_as_files(shard_di
     file_vectors, file_meta = store.load_embeddings(tmp_path / "emb_files", with_metadata=True)
     order = {p.rsplit("/", 1)[1]: i for i, p in enumerate(file_meta.column("path").to_pylist())}
     np.testing.assert_allclose(vectors, file_vectors[[order[k] for k in keys]], atol=1e-6, rtol=0)
+
+
+def test_a_list_file_names_shard_samples_by_the_names_embed_stores(shard_dir, tmp_path):
+    # `dinokit curate` writes selected.txt with the names `dinokit embed` stored: `<shard>.tar#<member>` for shards
+    samples = sources.list_entries(str(shard_dir / "00000.tar"))
+    chosen = [samples[3], samples[1]]
+    listing = tmp_path / "selected.txt"
+    listing.write_text("".join(e.name + "\n" for e in chosen))
+    for got in (sources.list_entries(str(listing)), training_entries(str(listing)),
+                UnlabeledImageDataset(str(listing)).entries):
+        assert sorted(e.key for e in got) == sorted(e.key for e in chosen) and not any(e.error for e in got)
+        by_key = {e.key: e for e in got}
+        for e in chosen:
+            assert np.array_equal(np.asarray(sources.read_entry(by_key[e.key])), np.asarray(sources.read_entry(e)))
+    listing.write_text(f"{shard_dir}/00000.tar#nope.jpg\n{shard_dir}/00003.tar#000030000.jpg\n{chosen[0].name}\n")
+    errors = {e.key.rsplit("/", 1)[-1]: e.error for e in sources.list_entries(str(listing))}
+    assert errors == {"00000.tar#nope.jpg": "the shard holds no such member",
+                      "00003.tar#000030000.jpg": "the shard does not exist", chosen[0].key.rsplit("/", 1)[-1]: None}
 
 
 def test_training_reads_shards_and_ranks_split_them_without_duplicates(shard_dir):

@@ -58,7 +58,9 @@ def register(subparsers) -> None:
                    help="run the k-NN searches and k-means assignments in this process or as Ray tasks (equal "
                         "results; workers read the shards themselves, so a cluster needs them on shared storage)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local Ray)")
-    p.add_argument("--device", default=d.device, help="k-means assignments on cpu (faiss) or cuda (torch)")
+    p.add_argument("--device", default=d.device,
+                   help="k-means assignments: auto (a CUDA GPU when torch sees one, for float32 on the local engine; "
+                        "else cpu), cpu (faiss) or cuda[:N] (torch)")
     p.add_argument("--multiplier", type=int, default=d.multiplier, help="most times one image may be selected")
     p.add_argument("--leaf", choices=["random", "closest"], default=d.leaf, help="which images a capped leaf "
                                                                                  "cluster gives")

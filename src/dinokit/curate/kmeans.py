@@ -13,6 +13,7 @@ Every pass over `x` reads it in chunks, so `x` may be an `inputs.Vectors` stream
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,6 +89,34 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator, n_local_tri
     bar.close()
     centers = np.array(x[indices], dtype=np.float32)
     return (centers, indices) if return_indices else centers
+
+
+def resolve_device(device: str, precision: str = "float32", engine: str = "local") -> str:
+    """Where the assignments run: 'cpu' (faiss) or 'cuda[:N]' (torch). `auto` takes a CUDA GPU when torch sees
+    one and nothing else asks for the CPU (float64 assignments and Ray tasks run there); an explicit cuda device
+    is checked here, before any stage runs, instead of failing in torch after dedup."""
+    if device == "cpu":
+        return device
+    if device == "auto":
+        if precision != "float32" or engine != "local":
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"--device is auto, cpu, cuda or cuda:N, got {device!r}")
+    if precision == "float64":
+        raise ValueError(f"float64 assignments run on the CPU: drop --device {device} or --precision float64")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (faiss) or "
+                         f"auto")
+    number = int(device.partition(":")[2] or 0)
+    if number >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def _nearest(centroids: np.ndarray, block) -> tuple[np.ndarray, np.ndarray]:

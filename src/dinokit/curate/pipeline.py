@@ -21,7 +21,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ import numpy as np
 from dinokit import __version__, atomic, locking
 from dinokit.curate import dedup as dedup_stage
 from dinokit.curate import engine as engines
-from dinokit.curate import hierarchy, inputs, knn, retrieval, sampling
+from dinokit.curate import hierarchy, inputs, kmeans, knn, retrieval, sampling
 from dinokit.curate.hierarchy import Level
 from dinokit.curate.progress import bars
 
@@ -52,7 +52,7 @@ class CurateOptions:
     sample_sizes: list[int] | None = None  # None: half the mean cluster size per level
     n_splits: int = 1
     precision: str = "float32"
-    device: str = "cpu"
+    device: str = "auto"  # k-means assignments: a CUDA GPU when torch sees one (kmeans.resolve_device), else faiss
     multiplier: int = 1
     leaf: str = "random"
     retrieval: str = "auto"
@@ -168,6 +168,7 @@ def check_options(o: CurateOptions, seeds, excludes) -> None:
             raise ValueError(f"{what} cannot be negative, got {values if len(values) > 1 else values[0]}")
     if o.engine not in engines.ENGINES:
         raise ValueError(f"--engine is one of {', '.join(engines.ENGINES)}, got {o.engine!r}")
+    kmeans.resolve_device(o.device, o.precision, o.engine)  # an unknown or absent device, before anything is written
     if o.engine == "ray":  # before any output exists
         from dinokit.extras import optional_import
 
@@ -187,6 +188,9 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
     progress = bars(not quiet)
     check_options(options, seeds, excludes)
     stages = plan_stages(options, bool(seeds), bool(excludes))
+    options = replace(options, device=kmeans.resolve_device(options.device, options.precision, options.engine))
+    if options.device != "cpu":
+        log(f"k-means assignments on {options.device} (torch)")
 
     skip = options.skip_invalid
     pool = inputs.load_set(pool_path, "pool", progress, skip)
@@ -226,7 +230,7 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
 
         write_report(out, pool, run.counts, levels, survivors, selection, options)
         manifest = {
-            "complete": True, "dinokit_version": __version__, "pool": pool.source,
+            "complete": True, "dinokit_version": __version__, "versions": _versions(options), "pool": pool.source,
             "pool_manifest_model": (pool.manifest.get("model") or {}).get("spec"),
             "num_pool": len(pool), "dim": pool.dim,
             "pool_names_sha256": hashlib.sha256("\n".join(pool.names()).encode()).hexdigest(),  # `serve --curate`
@@ -239,6 +243,26 @@ def curate(pool_path: str | Path, output: str | Path, *, seeds: list[tuple[str, 
         atomic.write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
     log(f"done: {run.counts.get('selected_images', 0):,} images selected -> {out}")
     return CurateReport(str(out), run.counts, run.ran, run.reused, run.counts.get("selected_images", 0))
+
+
+def _versions(options: CurateOptions) -> dict:
+    """The libraries whose arithmetic or file formats the outputs depend on (torch and ray when they ran)."""
+    import platform
+
+    import faiss
+    import pyarrow
+
+    versions = {"dinokit": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                "faiss": getattr(faiss, "__version__", "unknown"), "pyarrow": pyarrow.__version__}
+    if options.device != "cpu":
+        import torch
+
+        versions["torch"] = torch.__version__
+    if options.engine == "ray":
+        import ray
+
+        versions["ray"] = ray.__version__
+    return versions
 
 
 @contextlib.contextmanager

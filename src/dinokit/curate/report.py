@@ -82,6 +82,14 @@ def sizes_png(path: Path, before, after, level: int) -> None:
     _save_png(image, path)
 
 
+def fit_cell(picture: Image.Image, size: int) -> Image.Image:
+    """`picture` scaled, up or down, so that its longer side is `size` (a 32-px CIFAR image fills its cell and
+    its frame as a photograph does; PIL's `thumbnail` only shrinks)."""
+    scale = size / max(picture.size)
+    return picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                          Image.BICUBIC)
+
+
 def thumbnails_png(path: Path, paths: list[str], groups: list[tuple[str, list[int], set[int]]], size: int = 64):
     """One row per (label, member rows, selected rows); returns False when no image could be read."""
     per_row = 10
@@ -95,11 +103,10 @@ def thumbnails_png(path: Path, paths: list[str], groups: list[tuple[str, list[in
             x = 150 + j * (size + 6)
             try:
                 with Image.open(paths[row]) as picture:
-                    thumb = picture.convert("RGB")
-                    thumb.thumbnail((size, size))
+                    thumb = fit_cell(picture.convert("RGB"), size)
             except (OSError, ValueError):
                 continue
-            image.paste(thumb, (x, y))
+            image.paste(thumb, (x + (size - thumb.width) // 2, y + (size - thumb.height) // 2))
             drawn += 1
             if row in selected:
                 draw.rectangle([x - 2, y - 2, x + size + 1, y + size + 1], outline="#22aa22", width=3)

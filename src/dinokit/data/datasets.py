@@ -18,7 +18,15 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from dinokit.data.images import IMAGE_EXTENSIONS, display_path, find_image_files
-from dinokit.data.sources import Entry, expand_braces, file_entry, list_entries, read_sample
+from dinokit.data.sources import (
+    LIST_EXTENSIONS,
+    Entry,
+    expand_braces,
+    file_entry,
+    list_entries,
+    names_tar_member,
+    read_sample,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +52,21 @@ def list_image_files(source, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> li
 def training_entries(source, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Entry]:
     """The samples of `source` for training: what `list_image_files` lists, or WebDataset shards (a `.tar`, a
     brace list `shards/{00000..00099}.tar`, a folder of `.tar` files; `dinokit.data.sources`)."""
-    if isinstance(source, (str, os.PathLike)) and _names_shards(os.fspath(source)):
+    if isinstance(source, (str, os.PathLike)) and (_names_shards(os.fspath(source))
+                                                   or _lists_tar_members(os.fspath(source))):
         return list_entries(os.fspath(source))
     return [file_entry(p) for p in list_image_files(source, extensions)]
+
+
+def _lists_tar_members(text: str) -> bool:
+    """A .txt/.lst list with `<shard>.tar#<member>` lines (what `dinokit curate` writes for a shard-embedded pool)."""
+    path = Path(text).expanduser()
+    if not (path.is_file() and path.suffix.lower() in LIST_EXTENSIONS):
+        return False
+    try:
+        return any(names_tar_member(line.strip()) for line in path.read_text().splitlines())
+    except (UnicodeDecodeError, OSError):
+        return False
 
 
 def _names_shards(text: str) -> bool:

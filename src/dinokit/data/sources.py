@@ -3,7 +3,9 @@
 An input spec is any of
 - a folder of images (searched recursively; `dinokit.data.images.find_image_files`), or an ImageFolder tree
   (`<root>/<class>/<image>`: `labelled_entries` gives the labels);
-- an image file; a quoted glob pattern; a text file (.txt/.lst) listing one path per line;
+- an image file; a quoted glob pattern; a text file (.txt/.lst) listing one path per line -- a line may also name
+  one sample of a WebDataset shard as `<shard>.tar#<member>`, the name `dinokit embed` stores for it (so a
+  `dinokit curate` selection of a shard-embedded pool is read back);
 - a Parquet file of paths (a `path`, `image_path` or `filepath` column; optional `label`);
 - WebDataset shards, as img2dataset writes them (`{key}.jpg` + `{key}.json` [+ `{key}.txt`] per sample): a `.tar`
   file, a brace-expanded list (`shards/{00000..00099}.tar`, `{a,b}.tar`) or a folder holding `.tar` files;
@@ -181,7 +183,7 @@ def _classify(text: str, missing_ok: bool) -> tuple[str, list]:
         paths = [str(path.parent / line) for line in lines if line and not line.startswith("#")]
         if not paths:
             raise SourceError(f"The file list {path} names no files.")
-        return "files", [file_entry(_abs(p)) for p in paths]
+        return "files", list_file_entries(paths)
     if path.is_file() and path.suffix.lower() == ".parquet":
         return "files", parquet_entries(path)
     if path.is_file():
@@ -196,6 +198,38 @@ def _classify(text: str, missing_ok: bool) -> tuple[str, list]:
     raise FileNotFoundError(f"Input {text!r} does not exist. Pass a folder, a glob pattern (quoted), a .txt file "
                             f"listing one image path per line, a .parquet of paths, WebDataset shards "
                             f"('shards/{{00000..00099}}.tar') or image files.")
+
+
+_TAR_MEMBER = re.compile(r"^(.+\.tar)#(.+)$")
+
+
+def names_tar_member(line: str) -> bool:
+    """True for `<shard>.tar#<member>`, the name of one WebDataset sample (`Entry.key`)."""
+    return bool(_TAR_MEMBER.match(line))
+
+
+def list_file_entries(paths: list[str]) -> list[Entry]:
+    """Entries of a list file's lines, in order: image files, and `<shard>.tar#<member>` samples looked up in
+    their shard (each shard listed once); a member the shard does not hold, or a missing shard, is an entry
+    with that reason."""
+    shards: dict[str, dict[str, Entry]] = {}
+    entries = []
+    for line in paths:
+        match = _TAR_MEMBER.match(line)
+        if match is None:
+            entries.append(file_entry(_abs(line)))
+            continue
+        shard = _abs(match.group(1))
+        if shard not in shards:
+            shards[shard] = {e.key: e for e in list_tar(shard)}
+        key = f"{shard}#{match.group(2)}"
+        found = shards[shard].get(key)
+        if found is None:
+            problem = shards[shard].get(shard)  # the shard itself: missing or damaged
+            found = Entry(key=key, tar=shard, error=problem.error if problem is not None and problem.error
+                          else "the shard holds no such member")
+        entries.append(found)
+    return entries
 
 
 def parquet_entries(path: Path) -> list[Entry]:
