@@ -50,6 +50,7 @@ import torch
 from machine import cpu_description
 
 from dinokit.backends import BACKENDS
+from dinokit.layers import kernel_choice
 
 warnings.filterwarnings("ignore")
 
@@ -147,8 +148,6 @@ def pinned_call(backend, kernel: str, x: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def choice_cost(model, pixels: torch.Tensor) -> dict:
     """Seconds of the first call with no kernel decision known (it measures) and of the second (it does not)."""
-    from dinokit.layers import kernel_choice
-
     saved = os.environ.get("DINOKIT_KERNEL_CACHE")
     os.environ["DINOKIT_KERNEL_CACHE"] = "0"
     kernel_choice.forget()
@@ -315,14 +314,18 @@ def run(args) -> dict:
             cost = choice_cost(model, pixels)
             print(f"[{preset}] {size}x{size} batch {batch}: first call {cost['first_call_s']:.2f} s with the "
                   f"kernel choice measured, second {cost['second_call_s']:.2f} s", flush=True)
+            # choice_cost forgets earlier decisions, so each cell's decisions are recorded with the cell
+            chosen = {key.split(" :: ", 1)[1]: made for key, made in kernel_choice.decisions().items()}
             results.setdefault("kernel_choice_cost", []).append({"model": preset, "size": size, "batch": batch,
-                                                                  **cost})
+                                                                  **cost, "kernel_choices": chosen})
+            results.setdefault("kernel_choices", {}).update(chosen)
             started = time.perf_counter()
             times = time_interleaved(impls, pixels, args.rounds)
             diffs = distances(impls, pixels)
             print(f"[{preset}] {size}x{size} batch {batch}: timed in {time.perf_counter() - started:.0f} s",
                   flush=True)
             spreads = ratio_spreads(times)
+            load = [round(x, 2) for x in os.getloadavg()]  # other jobs on the machine, stored with each cell
             for name in impls:
                 memory = peak_memory(name, preset, size, batch, weights_dir, work, args.threads) \
                     if args.memory and "[" not in name else None  # pinned kernels: timing only
@@ -330,11 +333,8 @@ def run(args) -> dict:
                     "model": preset, "size": size, "batch": batch, "impl": name,
                     "img_s": batch / statistics.median(times[name]), "times": times[name],
                     "max_abs_diff": diffs[name][0], "min_cls_cosine": diffs[name][1], "peak_mib": memory,
-                    "ratio_to_peer": spreads[name]})
+                    "ratio_to_peer": spreads[name], "load_average": load})
         del impls
-    from dinokit.layers import kernel_choice
-
-    results["kernel_choices"] = {key.split(" :: ", 1)[1]: value for key, value in kernel_choice.decisions().items()}
     if torch.cuda.is_available():
         results["cuda"] = cuda_section(args.models, args.rounds)
     return results
