@@ -1,16 +1,15 @@
 """`dinokit track` (label propagation through a video) and `dinokit match` (correspondences between two images).
 
-Both check every input before writing anything. `track` writes into a staging folder beside OUT and moves the
-finished files into OUT at the end, so a failure part-way (a frame that cannot be decoded, a ground-truth mask
-with an unknown id) leaves OUT as it was: nothing partial that looks complete."""
+Both check every input before writing anything, then write through `dinokit.output_folder`: a staging folder
+beside OUT replaces OUT at the end, so a failure part-way (a frame that cannot be decoded, a ground-truth mask
+with an unknown id) leaves OUT as it was, and a rerun never leaves an earlier run's frames or metrics.json beside
+the new ones: nothing partial or stale that looks complete. OUT may be new, empty or an earlier output of the same
+command (it has run.json / matches.json); other folders are refused rather than replaced."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from PIL import Image
 
 GIF_SIDE = 320  # the overlay GIF's long side: it holds every frame, so it is kept small
 GIF_MS = 100
+TRACK_MARKER = "run.json"  # every track output folder has it: such a folder is replaced by a rerun
+MATCH_MARKER = "matches.json"
 
 
 def register(subparsers) -> None:
@@ -136,6 +137,7 @@ def _check_truth(truth_dir, names: list[str]) -> dict[str, Path]:
 
 
 def _track(args) -> int:
+    from dinokit import output_folder
     from dinokit.apps.embed import load, select_device
     from dinokit.atomic import write_text
     from dinokit.curate.progress import bars
@@ -156,17 +158,15 @@ def _track(args) -> int:
     truth = _check_truth(args.truth, source.names) if args.truth else None
     palette = _palette(palette)
     output = Path(args.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {display_path(output)} is a file: give a folder")
+    # refused before the model loads (and checked again under the lock)
+    output_folder.check_replaceable(output, output_folder.has_file(TRACK_MARKER))
 
     device = select_device(args.device)
     model = load(args.model).to(device).eval()
     encoder = tracking.ModelEncoder(model)
     size = tracking.planned_size(height, width, settings, encoder.patch_size)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     scores = None
-    try:
+    with output_folder.staged_output(output, "dinokit track", output_folder.has_file(TRACK_MARKER)) as staging:
         thumbnails = []
         started = time.perf_counter()
         with bars(not args.quiet and len(source) > 1)(total=len(source), desc="track", unit="frame") as bar:
@@ -204,11 +204,6 @@ def _track(args) -> int:
         if scores is not None:
             metrics = davis.summarize({source.path.stem or "video": scores})
             write_text(staging / "metrics.json", json.dumps(_finite(metrics), indent=2) + "\n")
-        output.mkdir(exist_ok=True)
-        for item in sorted(staging.iterdir()):  # one rename each: the staging folder is on OUT's file system
-            os.replace(item, output / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     message = f"wrote {len(source)} masks, overlay.gif and run.json to {display_path(output)}"
     if scores is not None:
         g = metrics["global"]
@@ -274,8 +269,8 @@ def read_points(path) -> list:
 
 
 def _match(args) -> int:
+    from dinokit import output_folder
     from dinokit.apps.embed import load, select_device
-    from dinokit.atomic import atomic_write, write_text
     from dinokit.data.images import display_path, read_image
     from dinokit.zeroshot.match import check_points, match, picture
     from dinokit.zeroshot.track import ModelEncoder
@@ -286,8 +281,8 @@ def _match(args) -> int:
     points = check_points(read_points(args.points), image_a.size, f"--points {display_path(args.points)}") \
         if args.points else None
     output = Path(args.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {display_path(output)} is a file: give a folder")
+    # refused before the model loads (and checked again under the lock)
+    output_folder.check_replaceable(output, output_folder.has_file(MATCH_MARKER))
     device = select_device(args.device)
     encoder = ModelEncoder(load(args.model).to(device).eval())
     started = time.perf_counter()
@@ -308,9 +303,9 @@ def _match(args) -> int:
                              "cosine": round(float(c), 5)}
                             for pa, pb, c in zip(result.points_a, result.points_b, result.points_cosine)]
     drawing = picture(image_a, image_b, result, distance=args.stratify)
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write(output / "matches.png", lambda tmp: drawing.save(tmp, format="PNG"))
-    write_text(output / "matches.json", json.dumps(record, indent=1) + "\n")
+    with output_folder.staged_output(output, "dinokit match", output_folder.has_file(MATCH_MARKER)) as staging:
+        drawing.save(staging / "matches.png", format="PNG")
+        (staging / "matches.json").write_text(json.dumps(record, indent=1) + "\n")
     what = f"{len(result.matches)} matches" + (f" and {len(points)} points" if points is not None else "")
     print(f"wrote {what} to {display_path(output / 'matches.json')} and matches.png")
     return 0
