@@ -9,12 +9,13 @@ command (it has run.json / matches.json); other folders are refused rather than 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from dinokit.zeroshot.masks import read_id_mask
 
 GIF_SIDE = 320  # the overlay GIF's long side: it holds every frame, so it is kept small
 GIF_MS = 100
@@ -72,29 +73,6 @@ def register(subparsers) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- masks
-def read_id_mask(path, what: str = "mask") -> tuple[np.ndarray, list[int] | None]:
-    """(H, W) int64 ids of an indexed (P) or greyscale (L, 1) PNG, and its palette (P only)."""
-    from dinokit.data.images import display_path
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode, palette = image.mode, image.getpalette() if image.mode == "P" else None
-            if mode not in ("P", "L", "1", "I;16", "I"):
-                raise ValueError(f"the {what} {display_path(path)} is a {mode} image, not a mask of ids: save it as "
-                                 f"an indexed (palette) or greyscale PNG whose pixel values are object ids")
-            ids = np.asarray(image).astype(np.int64)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"the {what} {display_path(path)} does not exist") from None
-    except ValueError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"cannot read the {what} {display_path(path)} ({type(exc).__name__}: {exc})") from None
-    if ids.max(initial=0) > 255:
-        raise ValueError(f"the {what} {display_path(path)} has ids up to {ids.max()}: masks hold ids 0-255")
-    return ids, palette
-
-
 def _palette(palette: list[int] | None) -> np.ndarray:
     from dinokit.dense.palette import voc_palette
 
@@ -203,7 +181,7 @@ def _track(args) -> int:
         write_text(staging / "run.json", json.dumps(run, indent=2) + "\n")
         if scores is not None:
             metrics = davis.summarize({source.path.stem or "video": scores})
-            write_text(staging / "metrics.json", json.dumps(_finite(metrics), indent=2) + "\n")
+            write_text(staging / "metrics.json", json.dumps(davis.finite_or_none(metrics), indent=2) + "\n")
     message = f"wrote {len(source)} masks, overlay.gif and run.json to {display_path(output)}"
     if scores is not None:
         g = metrics["global"]
@@ -219,15 +197,6 @@ def _overrides(settings, preset: str) -> dict:
 
     base = asdict(PRESETS[preset])
     return {k: v for k, v in asdict(settings).items() if base[k] != v}
-
-
-def _finite(value):
-    """JSON has no NaN: statistics of zero frames are written as null."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ----------------------------------------------------------------------------------------------- match
@@ -292,6 +261,7 @@ def _match(args) -> int:
     xy_a, xy_b = result.pairs()
     record = {
         "image_a": display_path(args.image_a), "image_b": display_path(args.image_b), "model": str(args.model),
+        "image_size_a": list(image_a.size), "image_size_b": list(image_b.size),
         "size": args.size, "mutual_only": args.mutual, "patch_size": result.a.patch_size,
         "grid_a": list(result.a.grid), "grid_b": list(result.b.grid), "seconds": round(seconds, 3),
         "matches": [{"a": [round(float(x), 2) for x in pa], "b": [round(float(x), 2) for x in pb],
