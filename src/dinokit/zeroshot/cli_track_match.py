@@ -66,6 +66,12 @@ def register(subparsers) -> None:
     p.add_argument("--mask-a", default=None, help="foreground mask of A (alpha channel, or non-zero pixels)")
     p.add_argument("--mask-b", default=None, help="foreground mask of B")
     p.add_argument("--size", type=int, default=768, help="resized image height in pixels (rows = size // patch)")
+    p.add_argument("--facet", choices=["tokens", "keys"], default="tokens",
+                   help="final-normed output tokens (DINOv3's notebook) or the last block's attention keys (Amir "
+                        "et al.'s dense descriptors)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="overlapping patches this many pixels apart (a divisor of the patch size; Amir et al.'s "
+                        "denser grid). Default: the patch size, no overlap")
     p.add_argument("--stratify", type=float, default=100.0, help="the picture's minimum distance between drawn "
                                                                  "matches, in A's pixels")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -253,7 +259,7 @@ def _match(args) -> int:
     # refused before the model loads (and checked again under the lock)
     output_folder.check_replaceable(output, output_folder.has_file(MATCH_MARKER))
     device = select_device(args.device)
-    encoder = ModelEncoder(load(args.model).to(device).eval())
+    encoder = ModelEncoder(load(args.model).to(device).eval(), args.facet, args.stride)
     started = time.perf_counter()
     result = match(image_a, image_b, encoder, size=args.size, mutual=args.mutual, mask_a=mask_a, mask_b=mask_b,
                    points=points)
@@ -262,7 +268,8 @@ def _match(args) -> int:
     record = {
         "image_a": display_path(args.image_a), "image_b": display_path(args.image_b), "model": str(args.model),
         "image_size_a": list(image_a.size), "image_size_b": list(image_b.size),
-        "size": args.size, "mutual_only": args.mutual, "patch_size": result.a.patch_size,
+        "size": args.size, "mutual_only": args.mutual, "facet": args.facet, "patch_size": result.a.patch_size,
+        "stride": result.a.step,
         "grid_a": list(result.a.grid), "grid_b": list(result.b.grid), "seconds": round(seconds, 3),
         "matches": [{"a": [round(float(x), 2) for x in pa], "b": [round(float(x), 2) for x in pb],
                      "cosine": round(float(c), 5), "mutual": bool(m)}
