@@ -15,8 +15,8 @@ from dinokit.cli import main
 from dinokit.layers.rope import patch_coordinates
 from dinokit.models.dinov3_vit import DINOv3ViTModel
 from dinokit.zeroshot.features import extract
-from dinokit.zeroshot.match import Side, image_pixels, match, patch_foreground, planned_size
-from dinokit.zeroshot.track import ModelEncoder, PixelEncoder, track
+from dinokit.zeroshot.matching import Side, image_pixels, match, patch_foreground, planned_size
+from dinokit.zeroshot.tracking import ModelEncoder, PixelEncoder, track
 
 from helpers import images, randomize_, save_tiny_model, small_config, tiny_dinov3_config
 

@@ -1,4 +1,4 @@
-"""`dinokit discover` and `dinokit anomaly fit|score`: thin commands over dinokit.zeroshot.discover / anomaly.
+"""`dinokit discover` and `dinokit anomaly fit|score`: thin commands over dinokit.zeroshot.discovery / anomaly.
 
 Outputs are written into a staging folder beside OUT that replaces OUT at the end, so OUT is the previous
 complete result or the new one, never a half. An image that cannot be read is skipped, logged and listed in
@@ -148,7 +148,7 @@ def _discover(args) -> int:
     from dinokit.data.images import ImageReadError, display_path
     from dinokit.extras import require
     from dinokit.zeroshot import corloc as cl
-    from dinokit.zeroshot.discover import Discovery, discover
+    from dinokit.zeroshot.discovery import Discovery, discover
 
     require("scipy", purpose="dinokit discover")
     images = collect_images(args.images)

@@ -24,7 +24,7 @@ MATCH_MARKER = "matches.json"
 
 
 def register(subparsers) -> None:
-    from dinokit.zeroshot.track import PRESETS, SHAPES, UPSAMPLES
+    from dinokit.zeroshot.tracking import PRESETS, SHAPES, UPSAMPLES
 
     p = subparsers.add_parser("track", help="propagate a first-frame mask through a video (DINO / DINOv3 recipe)",
                               description="Carry the first frame's object ids through a video by patch-feature "
@@ -126,8 +126,7 @@ def _track(args) -> int:
     from dinokit.atomic import write_text
     from dinokit.curate.progress import bars
     from dinokit.data.images import display_path
-    from dinokit.zeroshot import davis
-    from dinokit.zeroshot import track as tracking
+    from dinokit.zeroshot import davis, tracking
     from dinokit.zeroshot.video import open_frames
 
     settings = tracking.settings_for(args.preset, short_side=args.short_side, context=args.context,
@@ -199,7 +198,7 @@ def _track(args) -> int:
 def _overrides(settings, preset: str) -> dict:
     from dataclasses import asdict
 
-    from dinokit.zeroshot.track import PRESETS
+    from dinokit.zeroshot.tracking import PRESETS
 
     base = asdict(PRESETS[preset])
     return {k: v for k, v in asdict(settings).items() if base[k] != v}
@@ -247,8 +246,8 @@ def _match(args) -> int:
     from dinokit import output_folder
     from dinokit.apps.embed import load, select_device
     from dinokit.data.images import display_path, read_image
-    from dinokit.zeroshot.match import check_points, match, picture
-    from dinokit.zeroshot.track import ModelEncoder
+    from dinokit.zeroshot.matching import check_points, match, picture
+    from dinokit.zeroshot.tracking import ModelEncoder
 
     image_a, image_b = read_image(args.image_a), read_image(args.image_b)
     mask_a = read_foreground(args.mask_a, image_a.size, "--mask-a") if args.mask_a else None

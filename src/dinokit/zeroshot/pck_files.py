@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinokit.zeroshot.match import bbox_threshold, check_points, image_threshold, pck
+from dinokit.zeroshot.matching import bbox_threshold, check_points, image_threshold, pck
 
 ALPHAS = (0.1, 0.05, 0.01)
 BY = ("bbox", "image")

@@ -244,7 +244,7 @@ class MatchResult:
 
 def encode(image: Image.Image, encoder, size: int, mask: np.ndarray | None = None, name: str = "image") -> Side:
     """An image's Side: resized by the notebook's rule, encoded, with its patch foreground when a mask is given.
-    An encoder with a `stride` below its patch size gives overlapping patches (`track.ModelEncoder`)."""
+    An encoder with a `stride` below its patch size gives overlapping patches (`tracking.ModelEncoder`)."""
     p = encoder.patch_size
     stride = getattr(encoder, "stride", p)
     stride = None if stride == p else stride
@@ -263,11 +263,11 @@ def match(image_a: Image.Image, image_b: Image.Image, model, *, size: int = 768,
           stride: int | None = None) -> MatchResult:
     """Dense matches from A to B (and the matches of `points`, (x, y) pixels of A, when given).
 
-    model: a dinokit model, anything `dinokit.load_model` takes, or an encoder (`track.PixelEncoder`);
+    model: a dinokit model, anything `dinokit.load_model` takes, or an encoder (`tracking.PixelEncoder`);
     mask_a / mask_b: (H, W) foreground in [0, 1] (alpha / 255, or a 0/1 mask) at each image's size;
     facet: "tokens" (final-normed outputs, the notebook's) or "keys" (last-block attention keys, Amir et al.'s);
     stride: a divisor of the patch size for overlapping patches (None: the model's own grid)."""
-    from dinokit.zeroshot.track import as_encoder
+    from dinokit.zeroshot.tracking import as_encoder
 
     if points is not None:
         points = check_points(points, image_a.size)
