@@ -32,7 +32,7 @@ from machine import cpu_description  # noqa: E402
 
 from dinokit.data.images import read_image  # noqa: E402
 from dinokit.zeroshot.corloc import best_iou, mask_boxes, mask_iou, read_id_mask  # noqa: E402
-from dinokit.zeroshot.discover import Discovery, pixel_box, run_method  # noqa: E402
+from dinokit.zeroshot.discovery import Discovery, pixel_box, run_method  # noqa: E402
 from dinokit.zeroshot.features import extract, normalize_image  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "pennfudan"

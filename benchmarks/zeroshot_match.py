@@ -1,4 +1,4 @@
-"""`dinokit.zeroshot.match` on synthetic homographies of Imagenette photos, where the true correspondence is exact
+"""`dinokit.zeroshot.matching` on synthetic homographies of Imagenette photos, where the true correspondence is exact
 (../shared/spec/zeroshot.md §2.4, "Synthetic homography PCK").
 
 Each pair (--pairs, default 12; fixed seeds): A = an Imagenette val photo (224 x 224); H moves A's four corners by
@@ -15,7 +15,7 @@ Rows:
 - `identity`: predict the query's own position (no matching): what the warp alone leaves correct;
 - `oracle`: features = random Fourier features of each patch centre's position in A's frame (B's centres are taken
   back to A by H^-1): the matcher's ceiling at this patch size;
-- `raw pixels`: a patch's centred, normalised 14 x 14 x 3 pixels (`track.PixelEncoder`);
+- `raw pixels`: a patch's centred, normalised 14 x 14 x 3 pixels (`tracking.PixelEncoder`);
 - `random ViT-S/14`: the `vits14` preset, RANDOMLY INITIALISED (no trained weights can be downloaded here).
 
     nice -n 10 python benchmarks/zeroshot_match.py --results benchmarks/results_zeroshot_match.json
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinokit.zeroshot.match import Side, dense_matches, encode, pck
-from dinokit.zeroshot.track import PixelEncoder, as_encoder
+from dinokit.zeroshot.matching import Side, dense_matches, encode, pck
+from dinokit.zeroshot.tracking import PixelEncoder, as_encoder
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "imagenette" / "val"
 SIZE = 224
@@ -157,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.picture:
         from dinokit import load_model
-        from dinokit.zeroshot.match import match, picture
+        from dinokit.zeroshot.matching import match, picture
 
         torch.manual_seed(0)
         _, a_image, b_image, _ = next(pairs(1, args.rho))

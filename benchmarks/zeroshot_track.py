@@ -1,4 +1,4 @@
-"""`dinokit.zeroshot.track` on synthetic videos: a Penn-Fudan pedestrian (its own mask) moving over an Imagenette
+"""`dinokit.zeroshot.tracking` on synthetic videos: a Penn-Fudan pedestrian (its own mask) moving over an Imagenette
 background, scored with DAVIS J&F (`dinokit.zeroshot.davis`: first and last frames excluded).
 
 Each video (--videos, default 5) has --frames (24) frames of 448 x 448: background = one Imagenette val photo
@@ -11,7 +11,7 @@ Rows (feature sources; the propagation rule is the same for all):
 - `copy first mask`: no propagation, every frame predicted as frame 0 (the floor a tracker must beat);
 - `oracle`: features = (fraction of the patch inside the true mask, 1 - it) + 1e-3 noise: the propagation's own
   ceiling at this patch size (what is left is quantisation to 14-px patches);
-- `raw pixels`: a patch's centred, normalised 14 x 14 x 3 pixels (`track.PixelEncoder`);
+- `raw pixels`: a patch's centred, normalised 14 x 14 x 3 pixels (`tracking.PixelEncoder`);
 - `random ViT-S/14`: the `vits14` preset, RANDOMLY INITIALISED (no trained weights can be downloaded here).
 Columns: the `dino` (v1 script) and `dinov3` (v3 notebook) rules, both at short side 448 (the frames' size, 32 x 32
 patches; the presets' own 480 / 960 would only upscale the frames), so they differ in window shape, temperature,
@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from dinokit.zeroshot import davis
-from dinokit.zeroshot.track import PixelEncoder, track
+from dinokit.zeroshot.tracking import PixelEncoder, track
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
 SIZE = 448

@@ -10,7 +10,7 @@ from PIL import Image
 
 from dinokit.cli import main
 from dinokit.zeroshot.corloc import box_iou, corloc, mask_boxes, mask_iou, read_truth, read_voc_boxes
-from dinokit.zeroshot.discover import GridDiscovery, discover, lost, pixel_box, tokencut
+from dinokit.zeroshot.discovery import GridDiscovery, discover, lost, pixel_box, tokencut
 
 from helpers import save_tiny_model
 

@@ -1,4 +1,4 @@
-"""Dense / sparse matching (`dinokit.zeroshot.match`), the PCK evaluator and `dinokit match`."""
+"""Dense / sparse matching (`dinokit.zeroshot.matching`), the PCK evaluator and `dinokit match`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dinokit.cli import main
-from dinokit.zeroshot.match import (
+from dinokit.zeroshot.matching import (
     Side,
     bbox_threshold,
     check_points,
@@ -23,7 +23,7 @@ from dinokit.zeroshot.match import (
     planned_size,
     stratify,
 )
-from dinokit.zeroshot.track import PixelEncoder
+from dinokit.zeroshot.tracking import PixelEncoder
 
 from helpers import save_tiny_model
 

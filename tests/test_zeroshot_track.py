@@ -1,4 +1,4 @@
-"""Video label propagation (`dinokit.zeroshot.track`), the DAVIS J&F evaluator and `dinokit track`."""
+"""Video label propagation (`dinokit.zeroshot.tracking`), the DAVIS J&F evaluator and `dinokit track`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 
 from dinokit.cli import main
 from dinokit.zeroshot import davis
-from dinokit.zeroshot.track import (
+from dinokit.zeroshot.tracking import (
     PRESETS,
     initial_probs,
     labels_at,
@@ -107,7 +107,7 @@ def test_presets_resize_as_their_references(monkeypatch):
 
 
 def test_a_circle_window_of_radius_12_has_441_cells_and_a_square_625():
-    from dinokit.zeroshot.track import _window
+    from dinokit.zeroshot.tracking import _window
 
     for shape, cells in (("circle", 441), ("square", 625)):
         inside = _window(torch.tensor([20]), torch.arange(41), 41, settings_for("dinov3", shape=shape))
@@ -158,7 +158,7 @@ def test_an_oracle_feature_model_tracks_a_moving_square_near_perfectly(preset):
 def test_first_mask_ids_map_to_label_channels_on_the_patch_grid():
     mask = np.zeros((32, 48), dtype=np.int64)
     mask[:16, :16], mask[16:, 32:] = 3, 255  # 255 is void: background
-    from dinokit.zeroshot.track import mask_ids
+    from dinokit.zeroshot.tracking import mask_ids
 
     for preset in ("dino", "dinov3"):
         probs = initial_probs(mask_ids(mask), (2, 3), PRESETS[preset], 4)

@@ -11,6 +11,10 @@ Ctrl-C, the temporary file is removed. A process killed outright (SIGKILL, power
 A full disk, a quota, a read-only or unwritable folder become one `OutputWriteError` (an OSError) naming the
 file and the fix, instead of a bare errno from deep inside numpy, pyarrow or torch (`writing`).
 
+Whole folders (a trained model, a command's output folder) are written the same way: into a staging folder
+beside the target (`staged_folder`), which replaces the target only once complete (`replace_folder`), so the
+target is the previous complete folder or the new one, never a mix or a half.
+
 Nothing in dinokit sits below this module: it imports only the standard library (torch only in `torch_save`).
 """
 
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import glob
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -161,6 +167,63 @@ def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False)
     for path in candidates:
         if path.is_file() and is_temporary(path.name):
             path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------ whole folders
+def staging_folder(target: str | os.PathLike) -> Path:
+    """A new empty folder `.<name>.<random>` beside `target`: on its file system, so it can be renamed onto it.
+    It gets the permissions a new folder would get (mkdtemp's are 0700), as the folder it becomes should."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o777 & ~_umask())
+    return staging
+
+
+def replace_folder(staging: str | os.PathLike, target: str | os.PathLike, option: str = "--output") -> None:
+    """Put the complete folder `staging` where `target` is. A folder cannot be renamed over a non-empty one, so
+    the old `target` is first renamed aside (`.<name>.old`), then removed; a kill between the two renames leaves
+    the old folder there, which `remove_stale_staging` deletes on the next run."""
+    staging, target = Path(staging), Path(target)
+    with writing(target, option):
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_folder(target: str | os.PathLike, option: str = "--output") -> Iterator[Path]:
+    """Yield a staging folder beside `target`; when the block ends without an error, it replaces `target`. On
+    any error (or Ctrl-C) the staging folder is removed and `target` is left as it was. Hold `target`'s lock
+    (`dinokit.locking`, with the lock file beside `target`, since `target` itself is replaced) around this."""
+    target = Path(target)
+    with writing(target, option):
+        staging = staging_folder(target)
+    try:
+        yield staging
+        replace_folder(staging, target, option)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
+    """Delete the folders `.<name>.*` beside `target` (staging and `.old` folders of killed runs); call it only
+    while holding `target`'s lock, when no live run can own one. Files (the lock file itself) are left."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*"):  # `run[1]` is a name, not a pattern
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
 

@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "dinokit.curate.cli",
     "dinokit.zeroshot.cli_track_match",
     "dinokit.zeroshot.cli_discover_anomaly",
+    "dinokit.zeroshot.cli_eval",  # after dinokit.eval.cli: it adds `dinokit eval davis|correspondence`
 ]
 
 # The hint for commands whose output folder keeps finished work (embed shards, cached features).
@@ -79,6 +80,13 @@ def iter_commands(parser: argparse.ArgumentParser):
     for action in children:
         for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
             yield from iter_commands(child)
+
+
+def subcommands_of(subparsers, name: str) -> argparse._SubParsersAction:
+    """The sub-commands of the registered command `name` (e.g. "eval"), so that an area can add `dinokit eval X`
+    without importing the area that owns `dinokit eval` (which may sit below it)."""
+    parser = subparsers.choices[name]
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,64 +1,34 @@
-"""Writing a finished model folder in one step: everything goes to a staging folder beside OUT, which then
-replaces OUT, so OUT is either the previous complete result or the new one, never a mix or a half."""
+"""Dense commands' outputs: a finished model folder written in one step (through `dinokit.output_folder`: a
+staging folder beside OUT then replaces OUT, so OUT is the previous complete result or the new one, never a mix
+or a half), and prediction pictures written one atomic file each."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
-from dinokit import atomic, locking
-from dinokit.eval.features import staging_dir
+from dinokit import atomic, locking, output_folder
 
 MARKER = "metrics.json"  # written last into the staging folder; a dense output folder always has it
 
 
-def check_output(output: Path, architecture: str | tuple[str, ...]) -> None:
-    """OUT may be new, empty, or an earlier output of the same command (then it is replaced); `architecture`:
-    the model class name(s) such an output has."""
-    if output.is_file():
-        raise ValueError(f"--output {output} is a file: give a folder")
-    if not output.is_dir() or not any(p for p in output.iterdir() if not p.name.startswith(".")):
-        return
-    config = output / "config.json"
-    try:
-        names = (architecture,) if isinstance(architecture, str) else architecture
-        written = json.loads(config.read_text()).get("architectures", [])
-        ours = (output / MARKER).is_file() and any(name in written for name in names)
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise ValueError(f"--output {output} exists and holds other files: give a new or empty folder (an earlier "
-                         f"output of this command is replaced)")
+def _is_dense_output(architecture: str | tuple[str, ...]):
+    names = (architecture,) if isinstance(architecture, str) else architecture
 
-
-@contextmanager
-def staged_output(output: Path, command: str, architecture: str | tuple[str, ...]):
-    """Lock OUT (lock file beside it), check it, yield a staging folder; on success the staging folder replaces
-    OUT. On any error the staging folder is removed and OUT is left as it was."""
-    output = Path(output).expanduser()
-    with locking.acquire(output, command, lock_path=output.with_name(f".{output.name}.lock")):
-        check_output(output, architecture)
-        for stale in output.parent.glob(f".{output.name}.*"):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)  # staging folders of killed runs (we hold the lock)
-        staging = staging_dir(output)
+    def is_ours(output: Path) -> bool:
         try:
-            yield staging
-            with atomic.writing(output):
-                old = None
-                if output.exists():
-                    old = output.with_name(f".{output.name}.old")
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.replace(output, old)
-                os.replace(staging, output)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            written = json.loads((output / "config.json").read_text()).get("architectures", [])
+        except (OSError, ValueError, AttributeError):
+            return False
+        return (output / MARKER).is_file() and any(name in written for name in names)
+
+    return is_ours
+
+
+def staged_output(output: Path, command: str, architecture: str | tuple[str, ...]):
+    """`dinokit.output_folder.staged_output` for a model folder: OUT may be new, empty, or an earlier output of
+    the same command (its config names `architecture`, one of them if a tuple); it is then replaced."""
+    return output_folder.staged_output(output, command, _is_dense_output(architecture))
 
 
 ERRORS = "errors.json"  # images a predict run could not read: [{"path", "reason"}], written when there are any

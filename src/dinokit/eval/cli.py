@@ -1,4 +1,5 @@
-"""`dinokit eval knn|linear|logreg`, `dinokit finetune` and `dinokit classify`: thin wrappers over the Python API."""
+"""`dinokit eval knn|linear|logreg`, `dinokit finetune` and `dinokit classify`: thin wrappers over the Python API.
+(`dinokit eval davis|correspondence` score zeroshot outputs; `dinokit.zeroshot.cli_eval` adds them here.)"""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    evaluate = subparsers.add_parser("eval", help="evaluate frozen features: k-NN, linear probe, logistic regression")
+    evaluate = subparsers.add_parser("eval", help="evaluate frozen features (k-NN, linear probe, logistic "
+                                                  "regression) and training-free outputs (DAVIS J&F, PCK)")
     protocols = evaluate.add_subparsers(dest="protocol", required=True)
 
     knn = protocols.add_parser("knn", help="weighted k-NN on L2-normalised final-norm CLS (T=0.07)")

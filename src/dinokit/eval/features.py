@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,16 +160,6 @@ def _load_cached(entry: Path, images: LabelledImages) -> FeatureSet | None:
         return None
 
 
-def staging_dir(target: Path) -> Path:
-    """An empty folder beside `target` to write into and then rename; mkdtemp's 0700 widened to the umask's."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    return staging
-
-
 def _write_entry(entry: Path, features: FeatureSet, description: dict) -> None:
     write_entry(entry, {"cls_blocks": features.cls_blocks, "patch_mean": features.patch_mean,
                         "labels": features.labels},
@@ -185,7 +174,7 @@ def write_entry(entry: Path, arrays: dict[str, np.ndarray], manifest: dict) -> N
     temporary = None
     try:
         with atomic.writing(entry, option="--cache-dir (or --no-cache)"):
-            temporary = staging_dir(entry)
+            temporary = atomic.staging_folder(entry)
             for name, array in arrays.items():
                 np.save(temporary / f"{name}.npy", array)
             (temporary / "manifest.json").write_text(json.dumps(manifest))
@@ -204,13 +193,6 @@ def _entry_lock(entry: Path):
     """The lock of one cache entry: a second process needing the same features waits, then reads them."""
     return locking.acquire(entry, "dinokit feature extraction", lock_path=entry.with_name(f".{entry.name}.lock"),
                            wait=True, option="--cache-dir (or --no-cache)")
-
-
-def _remove_stale_staging(entry: Path) -> None:
-    # Under the entry's lock, staging folders of this entry belong to killed runs.
-    for path in entry.parent.glob(f".{entry.name}.*"):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -271,7 +253,7 @@ def extract_features(model: nn.Module, images: LabelledImages, *, transform=None
         # written by the process we waited for (a damaged entry is removed and computed again)
         if (entry / "manifest.json").is_file() and (cached := _load_cached(entry, images)) is not None:
             return cached
-        _remove_stale_staging(entry)
+        atomic.remove_stale_staging(entry)  # under the entry's lock: left by killed runs
         features = compute_features(model, images, transform=transform, batch_size=batch_size,
                                     num_workers=num_workers, n_blocks=n_blocks, device=device, progress=progress,
                                     description=description)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 import dinokit
 from dinokit import atomic, locking
 from dinokit.eval.data import ImageDataset, collate_skipping_unreadable, load_splits
-from dinokit.eval.features import extract_features, staging_dir
+from dinokit.eval.features import extract_features
 from dinokit.processing import eval_transform, model_normalization
 
 
@@ -74,20 +73,12 @@ def _save(classifier, output: Path, log: dict, resize_size: int, crop_size: int)
     """Replace `output` with a complete checkpoint (written beside it, then renamed)."""
     from dinokit.processing import Dinov2ImageProcessor
 
-    staging = staging_dir(output)
-    classifier.save_pretrained(staging)
-    mean, std = model_normalization(classifier)
-    Dinov2ImageProcessor(size={"shortest_edge": resize_size}, crop_size=crop_size, image_mean=mean,
-                         image_std=std).save_pretrained(staging)
-    (staging / "training_log.json").write_text(json.dumps(log, indent=2))
-    previous = None
-    if output.exists():
-        previous = output.with_name(f".{output.name}.previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        output.rename(previous)
-    staging.rename(output)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+    with atomic.staged_folder(output) as staging:
+        classifier.save_pretrained(staging)
+        mean, std = model_normalization(classifier)
+        Dinov2ImageProcessor(size={"shortest_edge": resize_size}, crop_size=crop_size, image_mean=mean,
+                             image_std=std).save_pretrained(staging)
+        (staging / "training_log.json").write_text(json.dumps(log, indent=2))
 
 
 def _check_output(output: Path) -> None:

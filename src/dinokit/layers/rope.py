@@ -39,14 +39,24 @@ def rope_periods(head_dim: int, base: float | None = 100.0, min_period: float | 
 
 
 def patch_coordinates(grid_h: int, grid_w: int, normalize: str = "separate",
-                      device: torch.device | str | None = None) -> torch.Tensor:
-    """Patch centres in (-1, 1), shape [grid_h * grid_w, 2] as (y, x), row-major."""
-    ys = torch.arange(0.5, grid_h, dtype=torch.float32, device=device)
-    xs = torch.arange(0.5, grid_w, dtype=torch.float32, device=device)
+                      device: torch.device | str | None = None, step: float = 1.0) -> torch.Tensor:
+    """Patch centres in (-1, 1), shape [grid_h * grid_w, 2] as (y, x), row-major.
+
+    step: the tokens' spacing in patches (stride / patch size). Overlapping tokens (step < 1, the zeroshot
+    `--stride` option) are placed at their own centres, i * step + 0.5 patches, in an image of (n - 1) * step + 1
+    patches per side; step 1 is the trained grid (computed as before, bit for bit)."""
+    if step == 1:
+        ys = torch.arange(0.5, grid_h, dtype=torch.float32, device=device)
+        xs = torch.arange(0.5, grid_w, dtype=torch.float32, device=device)
+        extent_h, extent_w = grid_h, grid_w
+    else:
+        ys = torch.arange(grid_h, dtype=torch.float32, device=device) * step + 0.5
+        xs = torch.arange(grid_w, dtype=torch.float32, device=device) * step + 0.5
+        extent_h, extent_w = (grid_h - 1) * step + 1, (grid_w - 1) * step + 1
     if normalize == "separate":
-        ys, xs = ys / grid_h, xs / grid_w
+        ys, xs = ys / extent_h, xs / extent_w
     elif normalize in ("max", "min"):
-        side = max(grid_h, grid_w) if normalize == "max" else min(grid_h, grid_w)
+        side = max(extent_h, extent_w) if normalize == "max" else min(extent_h, extent_w)
         ys, xs = ys / side, xs / side
     else:
         raise ValueError(f"unknown RoPE coordinate normalisation {normalize!r}: use separate, max or min")

@@ -1,4 +1,4 @@
-"""`dinokit discover` and `dinokit anomaly fit|score`: thin commands over dinokit.zeroshot.discover / anomaly.
+"""`dinokit discover` and `dinokit anomaly fit|score`: thin commands over dinokit.zeroshot.discovery / anomaly.
 
 Outputs are written into a staging folder beside OUT that replaces OUT at the end, so OUT is the previous
 complete result or the new one, never a half. An image that cannot be read is skipped, logged and listed in
@@ -12,9 +12,6 @@ import csv
 import io
 import json
 import logging
-import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger("dinokit.zeroshot")
@@ -113,36 +110,12 @@ def collect_images(inputs: list[str]) -> list[tuple[Path, str]]:
     return found
 
 
-@contextmanager
 def staged(output: str, command: str, marker: str):
-    """A staging folder that replaces OUT on success. OUT may be new, empty, or an earlier output of this command
-    (it has `marker`); anything else is refused rather than overwritten."""
-    from dinokit import atomic, locking
-    from dinokit.eval.features import staging_dir
+    """A staging folder that replaces OUT on success (`dinokit.output_folder`). OUT may be new, empty, or an
+    earlier output of this command (it has `marker`); anything else is refused rather than overwritten."""
+    from dinokit import output_folder
 
-    output = Path(output).expanduser()
-    with locking.acquire(output, command, lock_path=output.with_name(f".{output.name}.lock")):
-        if output.is_file():
-            raise ValueError(f"--output {output} is a file: give a folder")
-        if output.is_dir() and any(not p.name.startswith(".") for p in output.iterdir()) \
-                and not (output / marker).is_file():
-            raise ValueError(f"--output {output} exists and holds other files: give a new or empty folder (an "
-                             f"earlier output of this command is replaced)")
-        staging = staging_dir(output)
-        try:
-            yield staging
-            with atomic.writing(output):
-                old = None
-                if output.exists():
-                    old = output.with_name(f".{output.name}.old")
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.replace(output, old)
-                os.replace(staging, output)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+    return output_folder.staged_output(output, command, output_folder.has_file(marker))
 
 
 def _skip(errors: list, path, exc) -> None:
@@ -175,7 +148,7 @@ def _discover(args) -> int:
     from dinokit.data.images import ImageReadError, display_path
     from dinokit.extras import require
     from dinokit.zeroshot import corloc as cl
-    from dinokit.zeroshot.discover import Discovery, discover
+    from dinokit.zeroshot.discovery import Discovery, discover
 
     require("scipy", purpose="dinokit discover")
     images = collect_images(args.images)

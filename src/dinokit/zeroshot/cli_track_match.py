@@ -1,28 +1,30 @@
 """`dinokit track` (label propagation through a video) and `dinokit match` (correspondences between two images).
 
-Both check every input before writing anything. `track` writes into a staging folder beside OUT and moves the
-finished files into OUT at the end, so a failure part-way (a frame that cannot be decoded, a ground-truth mask
-with an unknown id) leaves OUT as it was: nothing partial that looks complete."""
+Both check every input before writing anything, then write through `dinokit.output_folder`: a staging folder
+beside OUT replaces OUT at the end, so a failure part-way (a frame that cannot be decoded, a ground-truth mask
+with an unknown id) leaves OUT as it was, and a rerun never leaves an earlier run's frames or metrics.json beside
+the new ones: nothing partial or stale that looks complete. OUT may be new, empty or an earlier output of the same
+command (it has run.json / matches.json); other folders are refused rather than replaced."""
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from dinokit.zeroshot.masks import read_id_mask
+
 GIF_SIDE = 320  # the overlay GIF's long side: it holds every frame, so it is kept small
 GIF_MS = 100
+TRACK_MARKER = "run.json"  # every track output folder has it: such a folder is replaced by a rerun
+MATCH_MARKER = "matches.json"
 
 
 def register(subparsers) -> None:
-    from dinokit.zeroshot.track import PRESETS, SHAPES, UPSAMPLES
+    from dinokit.zeroshot.tracking import PRESETS, SHAPES, UPSAMPLES
 
     p = subparsers.add_parser("track", help="propagate a first-frame mask through a video (DINO / DINOv3 recipe)",
                               description="Carry the first frame's object ids through a video by patch-feature "
@@ -64,6 +66,12 @@ def register(subparsers) -> None:
     p.add_argument("--mask-a", default=None, help="foreground mask of A (alpha channel, or non-zero pixels)")
     p.add_argument("--mask-b", default=None, help="foreground mask of B")
     p.add_argument("--size", type=int, default=768, help="resized image height in pixels (rows = size // patch)")
+    p.add_argument("--facet", choices=["tokens", "keys"], default="tokens",
+                   help="final-normed output tokens (DINOv3's notebook) or the last block's attention keys (Amir "
+                        "et al.'s dense descriptors)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="overlapping patches this many pixels apart (a divisor of the patch size; Amir et al.'s "
+                        "denser grid). Default: the patch size, no overlap")
     p.add_argument("--stratify", type=float, default=100.0, help="the picture's minimum distance between drawn "
                                                                  "matches, in A's pixels")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -71,29 +79,6 @@ def register(subparsers) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- masks
-def read_id_mask(path, what: str = "mask") -> tuple[np.ndarray, list[int] | None]:
-    """(H, W) int64 ids of an indexed (P) or greyscale (L, 1) PNG, and its palette (P only)."""
-    from dinokit.data.images import display_path
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode, palette = image.mode, image.getpalette() if image.mode == "P" else None
-            if mode not in ("P", "L", "1", "I;16", "I"):
-                raise ValueError(f"the {what} {display_path(path)} is a {mode} image, not a mask of ids: save it as "
-                                 f"an indexed (palette) or greyscale PNG whose pixel values are object ids")
-            ids = np.asarray(image).astype(np.int64)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"the {what} {display_path(path)} does not exist") from None
-    except ValueError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"cannot read the {what} {display_path(path)} ({type(exc).__name__}: {exc})") from None
-    if ids.max(initial=0) > 255:
-        raise ValueError(f"the {what} {display_path(path)} has ids up to {ids.max()}: masks hold ids 0-255")
-    return ids, palette
-
-
 def _palette(palette: list[int] | None) -> np.ndarray:
     from dinokit.dense.palette import voc_palette
 
@@ -136,12 +121,12 @@ def _check_truth(truth_dir, names: list[str]) -> dict[str, Path]:
 
 
 def _track(args) -> int:
+    from dinokit import output_folder
     from dinokit.apps.embed import load, select_device
     from dinokit.atomic import write_text
     from dinokit.curate.progress import bars
     from dinokit.data.images import display_path
-    from dinokit.zeroshot import davis
-    from dinokit.zeroshot import track as tracking
+    from dinokit.zeroshot import davis, tracking
     from dinokit.zeroshot.video import open_frames
 
     settings = tracking.settings_for(args.preset, short_side=args.short_side, context=args.context,
@@ -156,17 +141,15 @@ def _track(args) -> int:
     truth = _check_truth(args.truth, source.names) if args.truth else None
     palette = _palette(palette)
     output = Path(args.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {display_path(output)} is a file: give a folder")
+    # refused before the model loads (and checked again under the lock)
+    output_folder.check_replaceable(output, output_folder.has_file(TRACK_MARKER))
 
     device = select_device(args.device)
     model = load(args.model).to(device).eval()
     encoder = tracking.ModelEncoder(model)
     size = tracking.planned_size(height, width, settings, encoder.patch_size)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     scores = None
-    try:
+    with output_folder.staged_output(output, "dinokit track", output_folder.has_file(TRACK_MARKER)) as staging:
         thumbnails = []
         started = time.perf_counter()
         with bars(not args.quiet and len(source) > 1)(total=len(source), desc="track", unit="frame") as bar:
@@ -203,12 +186,7 @@ def _track(args) -> int:
         write_text(staging / "run.json", json.dumps(run, indent=2) + "\n")
         if scores is not None:
             metrics = davis.summarize({source.path.stem or "video": scores})
-            write_text(staging / "metrics.json", json.dumps(_finite(metrics), indent=2) + "\n")
-        output.mkdir(exist_ok=True)
-        for item in sorted(staging.iterdir()):  # one rename each: the staging folder is on OUT's file system
-            os.replace(item, output / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            write_text(staging / "metrics.json", json.dumps(davis.finite_or_none(metrics), indent=2) + "\n")
     message = f"wrote {len(source)} masks, overlay.gif and run.json to {display_path(output)}"
     if scores is not None:
         g = metrics["global"]
@@ -220,19 +198,10 @@ def _track(args) -> int:
 def _overrides(settings, preset: str) -> dict:
     from dataclasses import asdict
 
-    from dinokit.zeroshot.track import PRESETS
+    from dinokit.zeroshot.tracking import PRESETS
 
     base = asdict(PRESETS[preset])
     return {k: v for k, v in asdict(settings).items() if base[k] != v}
-
-
-def _finite(value):
-    """JSON has no NaN: statistics of zero frames are written as null."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ----------------------------------------------------------------------------------------------- match
@@ -274,11 +243,11 @@ def read_points(path) -> list:
 
 
 def _match(args) -> int:
+    from dinokit import output_folder
     from dinokit.apps.embed import load, select_device
-    from dinokit.atomic import atomic_write, write_text
     from dinokit.data.images import display_path, read_image
-    from dinokit.zeroshot.match import check_points, match, picture
-    from dinokit.zeroshot.track import ModelEncoder
+    from dinokit.zeroshot.matching import check_points, match, picture
+    from dinokit.zeroshot.tracking import ModelEncoder
 
     image_a, image_b = read_image(args.image_a), read_image(args.image_b)
     mask_a = read_foreground(args.mask_a, image_a.size, "--mask-a") if args.mask_a else None
@@ -286,10 +255,10 @@ def _match(args) -> int:
     points = check_points(read_points(args.points), image_a.size, f"--points {display_path(args.points)}") \
         if args.points else None
     output = Path(args.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {display_path(output)} is a file: give a folder")
+    # refused before the model loads (and checked again under the lock)
+    output_folder.check_replaceable(output, output_folder.has_file(MATCH_MARKER))
     device = select_device(args.device)
-    encoder = ModelEncoder(load(args.model).to(device).eval())
+    encoder = ModelEncoder(load(args.model).to(device).eval(), args.facet, args.stride)
     started = time.perf_counter()
     result = match(image_a, image_b, encoder, size=args.size, mutual=args.mutual, mask_a=mask_a, mask_b=mask_b,
                    points=points)
@@ -297,7 +266,9 @@ def _match(args) -> int:
     xy_a, xy_b = result.pairs()
     record = {
         "image_a": display_path(args.image_a), "image_b": display_path(args.image_b), "model": str(args.model),
-        "size": args.size, "mutual_only": args.mutual, "patch_size": result.a.patch_size,
+        "image_size_a": list(image_a.size), "image_size_b": list(image_b.size),
+        "size": args.size, "mutual_only": args.mutual, "facet": args.facet, "patch_size": result.a.patch_size,
+        "stride": result.a.step,
         "grid_a": list(result.a.grid), "grid_b": list(result.b.grid), "seconds": round(seconds, 3),
         "matches": [{"a": [round(float(x), 2) for x in pa], "b": [round(float(x), 2) for x in pb],
                      "cosine": round(float(c), 5), "mutual": bool(m)}
@@ -308,9 +279,9 @@ def _match(args) -> int:
                              "cosine": round(float(c), 5)}
                             for pa, pb, c in zip(result.points_a, result.points_b, result.points_cosine)]
     drawing = picture(image_a, image_b, result, distance=args.stratify)
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write(output / "matches.png", lambda tmp: drawing.save(tmp, format="PNG"))
-    write_text(output / "matches.json", json.dumps(record, indent=1) + "\n")
+    with output_folder.staged_output(output, "dinokit match", output_folder.has_file(MATCH_MARKER)) as staging:
+        drawing.save(staging / "matches.png", format="PNG")
+        (staging / "matches.json").write_text(json.dumps(record, indent=1) + "\n")
     what = f"{len(result.matches)} matches" + (f" and {len(points)} points" if points is not None else "")
     print(f"wrote {what} to {display_path(output / 'matches.json')} and matches.png")
     return 0

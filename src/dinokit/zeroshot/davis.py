@@ -187,3 +187,12 @@ def summarize(sequences: dict[str, SequenceScores]) -> dict:
                "J-Mean": mean["J", "mean"], "J-Recall": mean["J", "recall"], "J-Decay": mean["J", "decay"],
                "F-Mean": mean["F", "mean"], "F-Recall": mean["F", "recall"], "F-Decay": mean["F", "decay"]}
     return {"global": summary, "per_object": rows, "frames_scored": scored}
+
+
+def finite_or_none(value):
+    """`summarize`'s output with NaN / inf as None: JSON has no NaN (statistics of zero frames are written null)."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -9,7 +9,8 @@ The references (../shared/spec/zeroshot.md §0) read one of two facets of the la
 
 Pixels come in already resized and normalised by the job (each reference has its own resize rule); sizes that are
 not a multiple of the patch size are zero-padded right and bottom (LOST/TokenCut's rule) unless `pad` is False,
-in which case they are refused."""
+in which case they are refused. `stride` < patch size gives overlapping patches on a denser grid
+(`dinokit.zeroshot.overlap`, Amir et al.'s trick); None is the model's own grid."""
 
 from __future__ import annotations
 
@@ -32,20 +33,25 @@ class PatchFeatures:
     cls: torch.Tensor  # (B, C) float32: the CLS token of the same facet
     patch_size: int
     input_size: tuple[int, int]  # (H, W) of the pixels fed to the model, after padding
+    stride: int | None = None  # pixels between token centres when patches overlap; None = patch_size
 
     @property
     def grid(self) -> tuple[int, int]:
         return int(self.features.shape[1]), int(self.features.shape[2])
+
+    @property
+    def step(self) -> int:
+        return self.stride or self.patch_size
 
     def normalized(self) -> torch.Tensor:
         """(B, h, w, C) L2-normalised per token (the cosine convention of every job but LOST)."""
         return F.normalize(self.features, dim=-1)
 
     def centers(self) -> torch.Tensor:
-        """(h, w, 2) patch centres (y, x) in input pixels: ((i + 0.5) p, (j + 0.5) p)."""
+        """(h, w, 2) patch centres (y, x) in input pixels: (i s + p/2, j s + p/2), s the stride (p by default)."""
         h, w = self.grid
-        ys = (torch.arange(h, dtype=torch.float32) + 0.5) * self.patch_size
-        xs = (torch.arange(w, dtype=torch.float32) + 0.5) * self.patch_size
+        ys = torch.arange(h, dtype=torch.float32) * self.step + self.patch_size / 2
+        xs = torch.arange(w, dtype=torch.float32) * self.step + self.patch_size / 2
         return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
 
 
@@ -81,8 +87,10 @@ def _rgb_array(image: Image.Image):
 
 
 @torch.no_grad()
-def extract(model, pixels: torch.Tensor, facet: str = "tokens", pad: bool = True) -> PatchFeatures:
-    """The `facet` ("tokens" or "keys") of the last block for normalised `pixels` (B, 3, H, W)."""
+def extract(model, pixels: torch.Tensor, facet: str = "tokens", pad: bool = True,
+            stride: int | None = None) -> PatchFeatures:
+    """The `facet` ("tokens" or "keys") of the last block for normalised `pixels` (B, 3, H, W); with `stride`
+    (a divisor of the patch size), of overlapping patches that many pixels apart."""
     if facet not in FACETS:
         raise ValueError(f"unknown facet {facet!r}: use one of {', '.join(FACETS)}")
     if pixels.ndim != 4 or pixels.shape[1] != 3:
@@ -96,20 +104,26 @@ def extract(model, pixels: torch.Tensor, facet: str = "tokens", pad: bool = True
     pixels = pixels.to(param.device, param.dtype)
     h, w = pixels.shape[-2] // p, pixels.shape[-1] // p
     prefix = num_prefix_tokens(model)
-    if facet == "tokens":
+    if stride is not None:
+        from dinokit.zeroshot.overlap import strided_sequence
+
+        sequence, (h, w) = strided_sequence(model, pixels, stride, facet)
+    elif facet == "tokens":
         sequence = model(pixel_values=pixels).last_hidden_state
     else:
         sequence = _last_block_keys(model, pixels)
     sequence = sequence.float()
     B, _, C = sequence.shape
     return PatchFeatures(features=sequence[:, prefix:].reshape(B, h, w, C), cls=sequence[:, 0],
-                         patch_size=p, input_size=(h * p, w * p))
+                         patch_size=p, input_size=tuple(pixels.shape[-2:]), stride=stride)
 
 
 def _last_block_keys(model, pixels: torch.Tensor) -> torch.Tensor:
     """(B, N, C) keys of the last block: a forward hook on its first LayerNorm, whose output is what the fused
     qkv projection reads on every forward path (plain, fused CPU inference, returned attentions)."""
-    vit = model.vit_module
+    from dinokit.zeroshot.overlap import vit_of
+
+    vit = vit_of(model, "the keys facet")
     block = vit.blocks[-1]
     captured = []
     handle = block.norm1.register_forward_hook(lambda module, args, output: captured.append(output))

@@ -6,14 +6,19 @@ Rules (the notebook's unless said):
 - Resize: `size // p` rows and int(w * size / (h * p)) columns of p-pixel patches (the notebook's 48 rows at
   size 768, p 16: the image HEIGHT is set, whatever the orientation), bilinear; planned sizes go through the
   patch-token bound. Pixels are normalised with the model's own mean/std.
-- Features: final-normed patch tokens (`zeroshot.features.extract`), L2-normalised.
+- Features: final-normed patch tokens (`zeroshot.features.extract`), L2-normalised; `facet="keys"`: the last
+  block's attention keys instead (Amir et al.'s descriptors, the facet discover uses). `stride` S < p: overlapping
+  patches S pixels apart (`zeroshot.overlap`, Amir's trick), a grid about (p/S)^2 times denser; the planned size
+  is then bounded so that the denser grid stays within the patch-token bound.
 - Dense: each patch of A -> the patch of B with the highest cosine, over all of B; one direction, no threshold.
   `mutual=True` keeps only pairs that are each other's nearest neighbour (`nn_b[nn_a[i]] == i`).
 - Foreground masks: a patch is foreground when more than half of it is (the notebook's 16 x 16 box filter of the
   alpha > 0.5); a pair is kept when its A patch and its matched B patch are both foreground.
-- Coordinates: patch centres ((col + 0.5) p, (row + 0.5) p), scaled back to each image's pixels per axis (the
-  notebook scales both axes by orig_h / resized_h; per axis is exact when the column count was rounded down).
-- Sparse: a given point of A takes the patch it falls in; its match is the centre of that patch's nearest B patch.
+- Coordinates: patch centres ((col + 0.5) p, (row + 0.5) p), or (col S + p/2, row S + p/2) with a stride, scaled
+  back to each image's pixels per axis (the notebook scales both axes by orig_h / resized_h; per axis is exact
+  when the column count was rounded down).
+- Sparse: a given point of A takes the patch it falls in (with a stride: the token whose centre is nearest); its
+  match is the centre of that patch's nearest B patch.
 - Picture: `stratify` thins the drawn lines greedily (the notebook's rule: while two kept A points are within
   `distance` pixels, drop the one with most such neighbours, first index on ties).
 
@@ -41,30 +46,47 @@ class Side:
     image_size: tuple[int, int]  # original (width, height)
     patch_size: int
     foreground: np.ndarray | None = None  # (h, w) bool
+    stride: int | None = None  # pixels between token centres when patches overlap; None = patch_size
 
     @property
     def grid(self) -> tuple[int, int]:
         return int(self.features.shape[0]), int(self.features.shape[1])
 
+    @property
+    def step(self) -> int:
+        return self.stride or self.patch_size
+
+    def resized(self) -> tuple[int, int]:
+        """(width, height) of the resized image the grid covers: (n - 1) * stride + p per axis."""
+        h, w = self.grid
+        return (w - 1) * self.step + self.patch_size, (h - 1) * self.step + self.patch_size
+
     def scale(self) -> tuple[float, float]:
         """(x, y) original pixels per resized pixel."""
-        h, w = self.grid
-        return self.image_size[0] / (w * self.patch_size), self.image_size[1] / (h * self.patch_size)
+        width, height = self.resized()
+        return self.image_size[0] / width, self.image_size[1] / height
 
     def centres(self, indices: np.ndarray) -> np.ndarray:
         """(N, 2) (x, y) in original pixels of flat patch indices."""
         h, w = self.grid
         rows, cols = np.divmod(np.asarray(indices, dtype=np.int64), w)
         sx, sy = self.scale()
-        return np.stack([(cols + 0.5) * self.patch_size * sx, (rows + 0.5) * self.patch_size * sy], axis=1)
+        half = self.patch_size / 2
+        return np.stack([(cols * self.step + half) * sx, (rows * self.step + half) * sy], axis=1)
 
     def patch_of(self, points: np.ndarray) -> np.ndarray:
-        """Flat index of the patch each (x, y) point (original pixels) falls in."""
+        """Flat index of the patch each (x, y) point (original pixels) falls in; with overlapping patches, of the
+        one whose centre is nearest."""
         h, w = self.grid
         sx, sy = self.scale()
-        cols = np.clip(np.floor(points[:, 0] / sx / self.patch_size), 0, w - 1).astype(np.int64)
-        rows = np.clip(np.floor(points[:, 1] / sy / self.patch_size), 0, h - 1).astype(np.int64)
-        return rows * w + cols
+        if self.step == self.patch_size:
+            cols = np.floor(points[:, 0] / sx / self.patch_size)
+            rows = np.floor(points[:, 1] / sy / self.patch_size)
+        else:
+            half = self.patch_size / 2
+            cols = np.floor((points[:, 0] / sx - half) / self.step + 0.5)
+            rows = np.floor((points[:, 1] / sy - half) / self.step + 0.5)
+        return (np.clip(rows, 0, h - 1).astype(np.int64) * w + np.clip(cols, 0, w - 1).astype(np.int64))
 
 
 @dataclass
@@ -81,13 +103,16 @@ class Matches:
 
 
 # ----------------------------------------------------------------------------------------------- geometry
-def planned_size(height: int, width: int, size: int, patch_size: int) -> tuple[int, int]:
-    """(H, W) in whole patches: size // p rows, int(width * size / (height * p)) columns (at least one each)."""
-    from dinokit.data.token_bound import bounded_size
+def planned_size(height: int, width: int, size: int, patch_size: int, stride: int | None = None) -> tuple[int, int]:
+    """(H, W) in whole patches: size // p rows, int(width * size / (height * p)) columns (at least one each).
+    With a stride, the bound on tokens is divided by (p / stride)^2, the growth of the denser grid."""
+    from dinokit.data.token_bound import bounded_size, max_patch_tokens
 
     rows = max(1, int(size / patch_size))
     cols = max(1, int(width * size / (height * patch_size)))
-    return bounded_size(rows * patch_size, cols * patch_size, patch_size, name="image")
+    denser = (patch_size // stride) ** 2 if stride else 1
+    return bounded_size(rows * patch_size, cols * patch_size, patch_size, max(1, max_patch_tokens() // denser),
+                        name="image")
 
 
 def image_pixels(image: Image.Image, size: tuple[int, int], mean, std) -> torch.Tensor:
@@ -97,12 +122,15 @@ def image_pixels(image: Image.Image, size: tuple[int, int], mean, std) -> torch.
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def patch_foreground(mask: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
-    """(h, w) bool: more than half of the patch is foreground. mask: (H, W) in [0, 1] at the image's size."""
+def patch_foreground(mask: np.ndarray, grid: tuple[int, int], patch_size: int,
+                     stride: int | None = None) -> np.ndarray:
+    """(h, w) bool: more than half of the patch is foreground. mask: (H, W) in [0, 1] at the image's size;
+    `stride`: overlapping patches that many pixels apart."""
     h, w = grid
+    step = stride or patch_size
     resized = Image.fromarray(np.asarray(mask, dtype=np.float32), mode="F").resize(
-        (w * patch_size, h * patch_size), Image.BILINEAR)
-    fraction = F.avg_pool2d(torch.from_numpy(np.asarray(resized).copy())[None, None], patch_size)[0, 0]
+        ((w - 1) * step + patch_size, (h - 1) * step + patch_size), Image.BILINEAR)
+    fraction = F.avg_pool2d(torch.from_numpy(np.asarray(resized).copy())[None, None], patch_size, step)[0, 0]
     return (fraction > FOREGROUND).numpy()
 
 
@@ -215,29 +243,35 @@ class MatchResult:
 
 
 def encode(image: Image.Image, encoder, size: int, mask: np.ndarray | None = None, name: str = "image") -> Side:
-    """An image's Side: resized by the notebook's rule, encoded, with its patch foreground when a mask is given."""
+    """An image's Side: resized by the notebook's rule, encoded, with its patch foreground when a mask is given.
+    An encoder with a `stride` below its patch size gives overlapping patches (`tracking.ModelEncoder`)."""
     p = encoder.patch_size
+    stride = getattr(encoder, "stride", p)
+    stride = None if stride == p else stride
     if mask is not None and tuple(mask.shape) != (image.height, image.width):
         raise ValueError(f"the mask of {name} is {mask.shape[1]} x {mask.shape[0]} but the image is {image.width} x "
                          f"{image.height}: give a mask of the image's size")
-    pixels_size = planned_size(image.height, image.width, size, p)
+    pixels_size = planned_size(image.height, image.width, size, p, stride)
     features = encoder(image_pixels(image, pixels_size, encoder.mean, encoder.std))
-    grid = (pixels_size[0] // p, pixels_size[1] // p)
-    foreground = patch_foreground(mask, grid, p) if mask is not None else None
-    return Side(F.normalize(features.float(), dim=-1), (image.width, image.height), p, foreground)
+    grid = (int(features.shape[0]), int(features.shape[1]))
+    foreground = patch_foreground(mask, grid, p, stride) if mask is not None else None
+    return Side(F.normalize(features.float(), dim=-1), (image.width, image.height), p, foreground, stride)
 
 
 def match(image_a: Image.Image, image_b: Image.Image, model, *, size: int = 768, mutual: bool = False,
-          mask_a: np.ndarray | None = None, mask_b: np.ndarray | None = None, points=None) -> MatchResult:
+          mask_a: np.ndarray | None = None, mask_b: np.ndarray | None = None, points=None, facet: str = "tokens",
+          stride: int | None = None) -> MatchResult:
     """Dense matches from A to B (and the matches of `points`, (x, y) pixels of A, when given).
 
-    model: a dinokit model, anything `dinokit.load_model` takes, or an encoder (`track.PixelEncoder`);
-    mask_a / mask_b: (H, W) foreground in [0, 1] (alpha / 255, or a 0/1 mask) at each image's size."""
-    from dinokit.zeroshot.track import as_encoder
+    model: a dinokit model, anything `dinokit.load_model` takes, or an encoder (`tracking.PixelEncoder`);
+    mask_a / mask_b: (H, W) foreground in [0, 1] (alpha / 255, or a 0/1 mask) at each image's size;
+    facet: "tokens" (final-normed outputs, the notebook's) or "keys" (last-block attention keys, Amir et al.'s);
+    stride: a divisor of the patch size for overlapping patches (None: the model's own grid)."""
+    from dinokit.zeroshot.tracking import as_encoder
 
     if points is not None:
         points = check_points(points, image_a.size)
-    encoder = as_encoder(model)
+    encoder = as_encoder(model, facet, stride)
     a = encode(image_a, encoder, size, mask_a, "A")
     b = encode(image_b, encoder, size, mask_b, "B")
     result = MatchResult(a, b, dense_matches(a, b, mutual))

@@ -243,20 +243,32 @@ def propagate_video(features: Iterable[torch.Tensor], first_probs: torch.Tensor,
 
 # ----------------------------------------------------------------------------------------------- features
 class ModelEncoder:
-    """(h, w, D) final-normed patch tokens of a dinokit model for (1, 3, H, W) normalised pixels."""
+    """(h, w, D) last-block features of a dinokit model for (1, 3, H, W) normalised pixels: final-normed patch
+    tokens, or the attention keys with facet="keys"; with `stride` (a divisor of the patch size), of overlapping
+    patches `stride` pixels apart (`zeroshot.overlap`). `stride` is the spacing of the grid either way."""
 
-    def __init__(self, model, facet: str = "tokens"):
+    def __init__(self, model, facet: str = "tokens", stride: int | None = None):
         from dinokit.processing import model_normalization
-        from dinokit.zeroshot.features import patch_size_of
+        from dinokit.zeroshot.features import FACETS, patch_size_of
 
+        if facet not in FACETS:
+            raise ValueError(f"unknown facet {facet!r}: use one of {', '.join(FACETS)}")
+        if facet == "keys" or stride is not None:  # both read a ViT's blocks: refuse other models first
+            from dinokit.zeroshot.overlap import check_stride, vit_of
+
+            vit_of(model, "--stride" if stride is not None else "the keys facet")
         self.model, self.facet = model, facet
         self.patch_size = patch_size_of(model)
+        if stride is not None:
+            check_stride(stride, self.patch_size)
+        self.overlap = stride
+        self.stride = stride or self.patch_size
         self.mean, self.std = model_normalization(model)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         from dinokit.zeroshot.features import extract
 
-        return extract(self.model, pixels, self.facet, pad=False).features[0].cpu()
+        return extract(self.model, pixels, self.facet, pad=False, stride=self.overlap).features[0].cpu()
 
 
 class PixelEncoder:
@@ -273,13 +285,17 @@ class PixelEncoder:
         return x - x.mean(dim=-1, keepdim=True)  # centred: cosine then compares texture and colour, not brightness
 
 
-def as_encoder(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An encoder (callable on pixels with `patch_size`, `mean`, `std`) from a model, a model spec or an encoder."""
+def as_encoder(model, facet: str = "tokens", stride: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An encoder (callable on pixels with `patch_size`, `mean`, `std`) from a model, a model spec or an encoder;
+    `facet` and `stride` as `ModelEncoder`'s (an encoder given as such already has its own)."""
     if hasattr(model, "patch_size") and callable(model) and not isinstance(model, torch.nn.Module):
+        if facet != "tokens" or stride is not None:
+            raise ValueError("facet and stride apply to a model; an encoder has its own: build it as "
+                             "ModelEncoder(model, facet, stride)")
         return model
     from dinokit.apps.embed import load
 
-    return ModelEncoder(load(model).eval())
+    return ModelEncoder(load(model).eval(), facet, stride)
 
 
 # ----------------------------------------------------------------------------------------------- the job
@@ -301,6 +317,9 @@ def track(frames: Iterable, first_mask: np.ndarray, model, preset: str = "dino",
     settings = settings_for(preset, **overrides)
     encoder = as_encoder(model)
     p = encoder.patch_size
+    if getattr(encoder, "stride", p) != p:
+        raise ValueError(f"track propagates labels on the model's own patch grid: give an encoder without stride "
+                         f"(this one has stride {encoder.stride}, patch size {p})")
     first_mask = mask_ids(first_mask)
     num_labels = int(first_mask.max()) + 1
     if num_labels > 256:
