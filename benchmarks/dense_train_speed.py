@@ -12,7 +12,7 @@ every wall time is the whole command a user waits for):
 - `old`: the defaults before issue 26: --iterations 2000 fixed steps, the loss on logits upsampled to the full
   resized image (`--loss-resolution full` where the option exists);
 - `new`: today's defaults (--epochs 100, the plateau stop after --patience 10 epochs followed by a
-  --cooldown of 10 epochs with the learning rate falling to 0, --loss-resolution 7);
+  --cooldown of 20 epochs with the learning rate falling to 0, --loss-resolution 7);
 - `depth-old` / `depth-new`: the same for `depth train` on a synthetic depth target (below).
 
 Depth stand-in (no depth data set is in ../shared/datasets): each Penn-Fudan image gets a made-up depth map, a

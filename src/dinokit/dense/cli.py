@@ -41,7 +41,7 @@ def _common_train(parser, targets: str) -> None:
                         help="passes over the training images (at most 40k steps); stops earlier on a plateau")
     parser.add_argument("--patience", type=int, default=10,
                         help="stop once the training loss has not improved for this many epochs")
-    parser.add_argument("--cooldown", type=float, default=10.0,
+    parser.add_argument("--cooldown", type=float, default=20.0,
                         help="epochs after a plateau over which the learning rate falls linearly to 0 before "
                              "stopping (0: stop at once)")
     parser.add_argument("--no-early-stop", action="store_true", help="train all --epochs (no plateau stop)")

@@ -10,7 +10,7 @@ The poly schedule is planned over the whole step budget. A plateau does not stop
 schedule has reached (about half the peak when a small set plateaus halfway): the rate then falls linearly to 0
 over `cooldown` more epochs, as the poly schedule would have ended; a head stopped at a high rate keeps the
 noise of its last steps (issue 26, benchmarks/dense_train_speed.py's case, seed 0: stopped at once 42.08 mIoU,
-with the 10-epoch cooldown 42.17, 100 full epochs 42.41, the former 2,000 steps 42.70).
+with a 10-epoch cooldown 42.17, a 20-epoch one 42.26, 100 full epochs 42.41, the former 2,000 steps 42.70).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class HeadTrainConfig:
     epochs: float = 100.0
     patience: int | None = 10  # epochs without a better training loss before stopping; None = never stop early
     min_improvement: float = 1e-3  # relative drop of the epoch loss that counts as better
-    cooldown: float = 10.0  # epochs after a plateau over which the learning rate falls linearly to 0; 0 = stop at once
+    cooldown: float = 20.0  # epochs after a plateau over which the learning rate falls linearly to 0; 0 = stop at once
     max_steps: int = MAX_STEPS
     batch_size: int = 8
     lr: float = 1e-3
