@@ -11,7 +11,8 @@ Runs (each a separate `python -m dinokit ... train` process, features recomputed
 every wall time is the whole command a user waits for):
 - `old`: the defaults before issue 26: --iterations 2000 fixed steps, the loss on logits upsampled to the full
   resized image (`--loss-resolution full` where the option exists);
-- `new`: today's defaults (--epochs 100 with the plateau stop, --loss-resolution 7);
+- `new`: today's defaults (--epochs 100, the plateau stop after --patience 10 epochs followed by a
+  --cooldown of 20 epochs with the learning rate falling to 0, --loss-resolution 7);
 - `depth-old` / `depth-new`: the same for `depth train` on a synthetic depth target (below).
 
 Depth stand-in (no depth data set is in ../shared/datasets): each Penn-Fudan image gets a made-up depth map, a

@@ -1,6 +1,6 @@
 """Fast dense-head training (issue 26): resizes as precomputed matrices equal F.interpolate / to_image, the
 cell-count loss at the patch size equals the full-resolution loss, the step count follows the data (epochs, cap,
-plateau stop), and the commands accept the new options."""
+plateau stop and cooldown), and the commands accept the new options."""
 
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def _fit_constant_then(loss_of_step, config, n_items=12):
 
 
 def test_plateau_stop_ends_training_after_patience_epochs_without_improvement():
-    log, calls = _fit_constant_then(lambda step: 1.0, HeadTrainConfig(epochs=50, batch_size=4, patience=3))
+    config = HeadTrainConfig(epochs=50, batch_size=4, patience=3, cooldown=0)
+    log, calls = _fit_constant_then(lambda step: 1.0, config)
     assert log.stop_reason == "plateau" and log.steps == 4 * 3 and len(log.epoch_losses) == 4
     assert sorted(i for batch in calls[:3] for i in batch) == list(range(12))  # an epoch sees every image once
     log, _ = _fit_constant_then(lambda step: 1.0, HeadTrainConfig(epochs=10, batch_size=4, patience=None))
@@ -113,6 +114,20 @@ def test_plateau_stop_ends_training_after_patience_epochs_without_improvement():
     assert log.stop_reason == "epochs" and log.steps == 30  # still improving: runs every epoch
     log, _ = _fit_constant_then(lambda step: 1.0, HeadTrainConfig(iterations=25, batch_size=4, patience=3))
     assert log.stop_reason == "iterations" and log.steps == 25  # a fixed step count never stops early
+
+
+def test_after_a_plateau_the_learning_rate_falls_linearly_to_zero_over_the_cooldown_epochs():
+    config = HeadTrainConfig(epochs=50, batch_size=4, patience=3, cooldown=2, lr=1.0, warmup_fraction=0.0)
+    log, _ = _fit_constant_then(lambda step: 1.0, config)
+    assert log.stop_reason == "plateau" and log.steps == 4 * 3 + 2 * 3 and log.planned_steps == 150
+    at_plateau = 1 - 12 / 150  # the poly rate where the plateau was seen
+    assert log.learning_rates[11] == pytest.approx(1 - 11 / 150)
+    assert log.learning_rates[12:] == pytest.approx([at_plateau * (1 - k / 6) for k in range(6)])
+    config = HeadTrainConfig(epochs=5, batch_size=4, patience=3, cooldown=10)  # 15 steps planned
+    log, _ = _fit_constant_then(lambda step: 1.0, config)
+    assert log.steps == 15  # the cooldown never runs past the planned steps
+    with pytest.raises(ValueError, match="--cooldown -1"):
+        HeadTrainConfig(cooldown=-1)
 
 
 def test_conv_first_depth_prediction_equals_upsample_then_conv():
@@ -143,9 +158,9 @@ def test_segment_and_depth_train_by_epochs_log_steps_and_stop_reason(backbone, t
     train, val = depth_dataset(tmp_path / "dtrain"), depth_dataset(tmp_path / "dval", seed=1)
     out = tmp_path / "depth"
     assert main(["depth", "train", *common, "--train", str(train), "--val", str(val), "--output", str(out),
-                 "--layers", "1", "--epochs", "2", "--no-early-stop"]) == 0
+                 "--layers", "1", "--epochs", "2", "--no-early-stop", "--cooldown", "3"]) == 0
     log = json.loads((out / "training_log.json").read_text())
-    assert log["steps"] == 4 and log["config"]["patience"] is None
+    assert log["steps"] == 4 and log["config"]["patience"] is None and log["config"]["cooldown"] == 3
 
 
 @pytest.mark.parametrize("value,message", [("0", "at least 1 label cell"), ("half", "'half' is not a number"),

@@ -41,6 +41,9 @@ def _common_train(parser, targets: str) -> None:
                         help="passes over the training images (at most 40k steps); stops earlier on a plateau")
     parser.add_argument("--patience", type=int, default=10,
                         help="stop once the training loss has not improved for this many epochs")
+    parser.add_argument("--cooldown", type=float, default=20.0,
+                        help="epochs after a plateau over which the learning rate falls linearly to 0 before "
+                             "stopping (0: stop at once)")
     parser.add_argument("--no-early-stop", action="store_true", help="train all --epochs (no plateau stop)")
     parser.add_argument("--iterations", type=int, default=None,
                         help="exactly this many head steps instead of --epochs (no plateau stop; 2000 was the "
@@ -117,7 +120,8 @@ def _loss_resolution(text: str) -> int | None:
 
 def _schedule(args) -> dict:
     return dict(iterations=args.iterations, epochs=args.epochs, patience=None if args.no_early_stop else args.patience,
-                batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+                cooldown=args.cooldown, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                seed=args.seed)
 
 
 def _cache(args):
