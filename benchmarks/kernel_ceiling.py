@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 from machine import cpu_description
+
+from dinokit.layers import kernel_choice
 
 warnings.filterwarnings("ignore")
 
@@ -39,17 +39,8 @@ ATTENTION = [(8, 6, 257, 64), (1, 6, 1370, 64), (8, 12, 257, 64), (1, 12, 1370, 
 
 
 def median_ms(fns: dict, rounds: int) -> dict[str, float]:
-    """Median milliseconds of each function over `rounds` interleaved rounds (order rotated) after a warm-up."""
-    for fn in fns.values():
-        fn()
-    names = list(fns)
-    samples = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """Median milliseconds of each function: the interleaved, rotated timing the kernel choice itself uses."""
+    return kernel_choice.measure(list(fns), lambda name: fns[name](), rounds)
 
 
 def gemm_candidates(k: int, n: int) -> dict:

@@ -144,12 +144,12 @@ def decision(kind: str, shape: Sequence, candidates: Sequence[str], run: Callabl
     return choice
 
 
-def measure(candidates: Sequence[str], run: Callable[[str], object]) -> dict[str, float]:
-    """Median milliseconds of each candidate over `ROUNDS` interleaved rounds (order rotated), after one warm-up."""
+def measure(candidates: Sequence[str], run: Callable[[str], object], rounds: int = ROUNDS) -> dict[str, float]:
+    """Median milliseconds of each candidate over `rounds` interleaved rounds (order rotated), after one warm-up."""
     for name in candidates:
         run(name)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for round_index in range(ROUNDS):
+    for round_index in range(rounds):
         order = list(candidates[round_index % len(candidates):]) + list(candidates[:round_index % len(candidates)])
         for name in order:
             start = time.perf_counter()
