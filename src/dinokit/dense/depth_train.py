@@ -68,7 +68,7 @@ def _predict(head: LinearDepthHead, features: DenseFeatures, i: int, patch: int,
     logits = F.linear(features.tokens(i), head.conv_depth.weight.flatten(1), head.conv_depth.bias)
     logits = resize_separable(logits.T.reshape(-1, *grid), bilinear_weights(grid[0], fine[0]),
                               bilinear_weights(grid[1], fine[1]))
-    depth = head.depth_from_logits(logits.unsqueeze(0))[0, 0]
+    depth = head.depth_from_bin_rows(logits.flatten(1)).view(fine)
     rows, cols = to_image_weights(grid, features.resized(i), patch, tuple(out_size), maps=fine)
     return resize_separable(depth, rows, cols)
 

@@ -55,5 +55,10 @@ def to_image_weights(grid: tuple[int, int], resized: tuple[int, int], patch_size
 
 
 def resize_separable(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(..., h, w) -> (..., H, W) as rows @ maps @ cols.T (differentiable; the matrices are constants)."""
-    return rows @ maps @ cols.T
+    """(..., h, w) -> (..., H, W) as rows @ maps @ cols.T (differentiable; the matrices are constants), in the
+    cheaper order: rows first costs H*h*w + H*w*W multiply-adds per map, columns first h*w*W + H*h*W (a x4
+    upsampling of a 37 x 50 grid: 1.2x fewer with columns first)."""
+    (H, h), (W, w) = rows.shape, cols.shape
+    if H * h * w + H * w * W <= h * w * W + H * h * W:
+        return (rows @ maps) @ cols.T
+    return rows @ (maps @ cols.T)
