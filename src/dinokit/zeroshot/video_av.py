@@ -27,8 +27,8 @@ _ROTATIONS = {90: Image.Transpose.ROTATE_90, -90: Image.Transpose.ROTATE_270, 18
 def _av(path: Path):
     from dinokit.extras import optional_import
 
-    return optional_import("av", purpose=f"decoding {path.suffix} videos ({path.name}; or extract its frames "
-                                         f"first: ffmpeg -i {path.name} frames/%05d.png, and give the folder)")
+    return optional_import("av", purpose=f"decoding the {path.suffix} video {path.name} (or give a folder of its "
+                                         f"frames: ffmpeg -i {path.name} frames/%05d.png)")
 
 
 def _decoded(path: Path) -> Iterator:
