@@ -138,7 +138,7 @@ def test_a_container_without_a_frame_count_is_counted_by_decoding(tmp_path):
 
 def test_a_rotated_phone_video_is_read_upright_as_ffmpeg_shows_it(tmp_path):
     if not hasattr(av.VideoFrame, "rotation"):
-        pytest.skip("PyAV < 14 does not read the display matrix")
+        pytest.skip("this PyAV release does not read the display matrix (no VideoFrame.rotation)")
     frame = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
     frame[:8, :8] = 255  # the stored top-left corner
     path = write_mp4(tmp_path / "portrait.mp4", [frame] * 3, rotation=90)  # 90 degrees counter-clockwise

@@ -51,7 +51,8 @@ def _listed_count(path: Path) -> int:
 
 def _upright(frame) -> Image.Image:
     image = frame.to_image()  # RGB24 by FFmpeg's swscale, as every PyAV reader gets it
-    # `rotation` is PyAV >= 14; phones store portrait video as landscape pixels plus this angle
+    # phones store portrait video as landscape pixels plus this angle; PyAV releases without `VideoFrame.rotation`
+    # read as 0 (not turned). A mirroring display matrix (rare) is not applied.
     turn = _ROTATIONS.get(int(round(getattr(frame, "rotation", 0) or 0)))
     return image.transpose(turn) if turn is not None else image
 
