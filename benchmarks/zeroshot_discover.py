@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_description  # noqa: E402
 
 from dinokit.data.images import read_image  # noqa: E402
-from dinokit.zeroshot.corloc import best_iou, mask_boxes, mask_iou, read_id_mask  # noqa: E402
+from dinokit.zeroshot.corloc import best_iou, mask_boxes, mask_iou  # noqa: E402
 from dinokit.zeroshot.discovery import Discovery, pixel_box, run_method  # noqa: E402
 from dinokit.zeroshot.features import extract, normalize_image  # noqa: E402
+from dinokit.zeroshot.masks import read_id_mask  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "pennfudan"
 PATCH = 14
@@ -92,7 +93,7 @@ def main() -> None:
     stems = val_stems(args.data, args.images)
     for stem in stems:
         image = read_image(next((args.data / "images").glob(stem + ".*")))
-        ids = read_id_mask(args.data / "masks" / f"{stem}.png")
+        ids, _ = read_id_mask(args.data / "masks" / f"{stem}.png", "Penn-Fudan mask", max_id=None)
         truth, person = mask_boxes(ids), ids > 0
         size = (image.height, image.width)
         pixels = normalize_image(image, model)

@@ -178,3 +178,16 @@ def test_curate_engine_ray_without_ray_names_the_ray_extra_and_writes_nothing(mo
     assert main(["curate", str(tmp_path / "pool.npy"), "-o", str(out), "--engine", "ray", "--quiet"]) == 2
     assert "ray[data]" in one_line_error(capsys, "ray", "ray")
     assert not out.exists()
+
+
+def test_track_on_an_mp4_without_pyav_names_the_video_extra_and_writes_nothing(monkeypatch, model_dir, tmp_path,
+                                                                              capsys):
+    hide(monkeypatch, "av")
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)  # never opened: the missing package is found first
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "first.png")
+    out = tmp_path / "out"
+    assert main(["track", str(tmp_path / "clip.mp4"), "--mask", str(tmp_path / "first.png"), "--model",
+                 str(model_dir), "-o", str(out)]) == 2
+    line = one_line_error(capsys, "av", "video")
+    assert "decoding the .mp4 video clip.mp4 (or give a folder of its frames: ffmpeg -i clip.mp4" in line, line
+    assert not out.exists()

@@ -168,6 +168,20 @@ def test_a_mask_of_another_size_than_its_image_is_refused(tmp_path):
         read_truth(tmp_path / "m.png", (5, 8))
 
 
+def test_corloc_truth_masks_share_the_id_mask_reader_of_track_but_take_ids_over_255(tmp_path):
+    from dinokit.zeroshot.masks import read_id_mask
+
+    Image.new("RGB", (8, 5)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match="ground-truth mask .*rgb.png is a RGB image, not a mask of ids"):
+        read_truth(tmp_path / "rgb.png", (5, 8))
+    ids = np.zeros((5, 8), np.uint16)
+    ids[1:3, 2:4], ids[3:5, 5:8] = 300, 7  # 16-bit instance ids: boxes need no 8-bit palette
+    Image.fromarray(ids).save(tmp_path / "many.png")
+    assert read_truth(tmp_path / "many.png", (5, 8)).boxes == [(5, 3, 8, 5), (2, 1, 4, 3)]
+    with pytest.raises(ValueError, match="has ids up to 300: masks hold ids 0-255"):
+        read_id_mask(tmp_path / "many.png")  # track / DAVIS write 8-bit indexed masks
+
+
 # ------------------------------------------------------------------------------------------------- on images
 def two_tone(path, size=(56, 70), box=(14, 14, 42, 42)):
     """A grey image with a red block (the object), and its id mask."""

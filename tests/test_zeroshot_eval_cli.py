@@ -183,3 +183,66 @@ def test_eval_correspondence_refuses_mismatched_or_incomplete_files_in_one_line(
     del old["image_size_b"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     refused(good, "does not record image B's size", ["--by", "image"], matches_path=str(tmp_path / "old.json"))
+
+
+def _pairs_case(tmp_path):
+    """Pair p1 (4 points, box 50 x 40) as in the one-pair case above; pair p2: 1 point 1 px off, box 20 x 10."""
+    matches, truth = tmp_path / "matches", tmp_path / "truth"
+    (matches / "p1").mkdir(parents=True)
+    truth.mkdir()
+    a = [[1, 1], [2, 2], [3, 3], [4, 4]]
+    _matches_json(matches / "p1" / "matches.json", a, [[10, 10], [23, 20], [30, 36], [55, 60]])
+    (truth / "p1.json").write_text(json.dumps({"points": a, "truth": [[10, 10], [20, 20], [30, 30], [40, 40]],
+                                               "bbox": [0, 0, 50, 40]}))
+    _matches_json(matches / "p2.json", [[5, 5]], [[8, 7]])  # the flat layout
+    (truth / "p2.json").write_text(json.dumps({"points": [[5, 5]], "truth": [[8, 8]], "bbox": [0, 0, 20, 10]}))
+    return matches, truth
+
+
+def test_eval_correspondence_over_folders_reports_pck_per_point_and_per_pair_as_computed_by_hand(tmp_path, capsys):
+    # alpha 0.1: p1 threshold 5 -> 2 of 4 right; p2 threshold 2, distance 1 -> 1 of 1. Per point 3/5, per pair
+    # (1/2 + 1)/2. alpha 0.05: p1 threshold 2.5 -> 1 of 4; p2 threshold 1, distance 1 (strict) -> 0. 1/5, 1/8.
+    matches, truth = _pairs_case(tmp_path)
+    out = tmp_path / "pck.json"
+    assert main(["eval", "correspondence", str(matches), str(truth), "--alpha", "0.1", "0.05", "-o", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert ("PCK@0.1 0.6000 per point, 0.7500 per pair, PCK@0.05 0.2000 per point, 0.1250 per pair (5 points in 2 "
+            "pairs") in line, line
+    report = json.loads(out.read_text())
+    assert report["pck"] == {"0.1": 0.6, "0.05": 0.2} and report["pck_per_pair"] == {"0.1": 0.75, "0.05": 0.125}
+    assert report["correct_points"] == {"0.1": 3, "0.05": 1} and (report["pairs"], report["points"]) == (2, 5)
+    assert report["per_pair"]["p2"] == {"points": 1, "pck": {"0.1": 1.0, "0.05": 0.0},
+                                        "threshold_pixels": {"0.1": 2.0, "0.05": 1.0}}
+
+
+def test_eval_correspondence_over_one_pair_folder_equals_the_one_pair_call(tmp_path, capsys):
+    matches, truth = _pairs_case(tmp_path)
+    (truth / "p2.json").unlink()
+    (matches / "p2.json").unlink()
+    assert main(["eval", "correspondence", str(matches), str(truth), "-o", str(tmp_path / "many.json")]) == 0
+    assert main(["eval", "correspondence", str(matches / "p1" / "matches.json"), str(truth / "p1.json"), "-o",
+                 str(tmp_path / "one.json")]) == 0
+    many, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("many", "one"))
+    assert many["pck"] == many["pck_per_pair"] == one["pck"] == many["per_pair"]["p1"]["pck"]
+
+
+def test_eval_correspondence_refuses_mismatched_pair_folders_in_one_line(tmp_path, capsys):
+    matches, truth = _pairs_case(tmp_path)
+    argv = ["eval", "correspondence", str(matches), str(truth)]
+    _refused(["eval", "correspondence", str(matches), str(truth / "p2.json")], capsys,
+             "MATCHES is a folder but the other is not: give two files (one pair) or two folders")
+    (truth / "p3.json").write_text(json.dumps({"points": [[1, 1]], "truth": [[1, 1]], "bbox": [0, 0, 9, 9]}))
+    _refused(argv, capsys, "has no prediction for 1 of the 3 pairs of TRUTH_DIR (first: p3)")
+    (truth / "p3.json").unlink()
+    _matches_json(matches / "p4.json", [[1, 1]], [[1, 1]])
+    _refused(argv, capsys, "has 1 pair(s) that TRUTH_DIR")
+    (matches / "p4.json").unlink()
+    (matches / "p2").mkdir()
+    _matches_json(matches / "p2" / "matches.json", [[5, 5]], [[8, 7]])
+    _refused(argv, capsys, "has both p2/matches.json and p2.json: keep one prediction per pair")
+    (matches / "p2.json").unlink()
+    (truth / "p2.json").write_text(json.dumps({"points": [[6, 5]], "truth": [[8, 8]], "bbox": [0, 0, 20, 10]}))
+    _refused(argv, capsys, "pair p2: point 0 of A is (5, 5) in MATCHES but (6, 5) in TRUTH")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _refused(["eval", "correspondence", str(matches), str(empty)], capsys, "holds no <pair>.json ground-truth files")

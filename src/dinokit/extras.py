@@ -19,6 +19,7 @@ PACKAGES: dict[str, tuple[str, str | None]] = {
     "onnxruntime": ("onnxruntime", "export"),
     "onnxscript": ("onnxscript", "export"),
     "ray": ("ray[data]", "ray"),
+    "av": ("av", "video"),  # PyAV: MP4 / MKV / WebM ... frames for `dinokit track`
     "cuml": ("cuml-cu12", None),  # RAPIDS, CUDA only: https://docs.rapids.ai/install
 }
 

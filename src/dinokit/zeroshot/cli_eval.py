@@ -2,7 +2,7 @@
 
 `eval davis PRED_DIR TRUTH_DIR` scores masks (what `dinokit track` writes) by DAVIS J&F (`davis_files`);
 `eval correspondence MATCHES TRUTH` scores the points `dinokit match --points` transferred by PCK@alpha
-(`pck_files`). Both read and check every input before scoring, print one summary line, and write the full
+(`pck_files`), or, given two folders, every pair of them, per point and per pair (`pck_pairs`). Both read and check every input before scoring, print one summary line, and write the full
 report as JSON with `--output`. They are registered under `dinokit eval` (owned by `dinokit.eval.cli`, which sits
 below zeroshot and so cannot import it)."""
 
@@ -32,9 +32,12 @@ def register(subparsers) -> None:
                              description="Score the points of MATCHES (a matches.json of `dinokit match A B "
                                          "--points TRUTH`) against TRUTH, a JSON object {\"points\": [[x, y], ...] "
                                          "(A), \"truth\": [[x, y], ...] (B), \"bbox\": [x1, y1, x2, y2] (B's box, "
-                                         "for --by bbox)}.")
-    p.add_argument("matches", metavar="MATCHES", help="matches.json written by dinokit match --points")
-    p.add_argument("truth", metavar="TRUTH", help="ground-truth points JSON")
+                                         "for --by bbox)}. Many pairs (SPair-71k): MATCHES_DIR/<pair>/matches.json "
+                                         "(or <pair>.json) against TRUTH_DIR/<pair>.json, reported per point (all "
+                                         "keypoints pooled) and per pair (mean of each pair's PCK).")
+    p.add_argument("matches", metavar="MATCHES|MATCHES_DIR", help="matches.json written by dinokit match --points, "
+                                                                  "or a folder of them, one per pair")
+    p.add_argument("truth", metavar="TRUTH|TRUTH_DIR", help="ground-truth points JSON, or a folder of <pair>.json")
     p.add_argument("--alpha", type=float, nargs="+", default=list(ALPHAS), help="PCK thresholds as fractions")
     p.add_argument("--by", choices=BY, default="bbox",
                    help="alpha times max(w, h) of B's box (SPair-71k) or of image B")
@@ -83,8 +86,27 @@ def _correspondence(args) -> int:
     from dinokit.zeroshot.pck_files import evaluate_files
 
     output = _check_output(args.output)
+    folders = [Path(p).expanduser().is_dir() for p in (args.matches, args.truth)]
+    if any(folders):
+        return _correspondence_pairs(args, output, all(folders))
     report = evaluate_files(args.matches, args.truth, args.alpha, args.by)
     values = ", ".join(f"PCK@{alpha} {value:.4f}" for alpha, value in report["pck"].items())
     side = "B's box" if args.by == "bbox" else "image B"
     print(f"{values} ({report['points']} points, alpha x the longer side of {side}){_write(output, report)}")
+    return 0
+
+
+def _correspondence_pairs(args, output: Path | None, both: bool) -> int:
+    from dinokit.zeroshot.pck_pairs import evaluate_folders
+
+    if not both:
+        which = "MATCHES" if Path(args.matches).expanduser().is_dir() else "TRUTH"
+        raise ValueError(f"{which} is a folder but the other is not: give two files (one pair) or two folders "
+                         f"(MATCHES_DIR/<pair>/matches.json and TRUTH_DIR/<pair>.json)")
+    report = evaluate_folders(args.matches, args.truth, args.alpha, args.by)  # JSON only: quick, no bar
+    values = ", ".join(f"PCK@{alpha} {value:.4f} per point, {report['pck_per_pair'][alpha]:.4f} per pair"
+                       for alpha, value in report["pck"].items())
+    side = "each target box" if args.by == "bbox" else "each image B"
+    print(f"{values} ({report['points']} points in {report['pairs']} pairs, alpha x the longer side of "
+          f"{side}){_write(output, report)}")
     return 0

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dinokit.zeroshot.masks import read_id_mask
+
 THRESHOLD = 0.5
 
 
@@ -81,16 +83,6 @@ def read_voc_boxes(path) -> list[tuple[float, float, float, float]]:
     return boxes
 
 
-def read_id_mask(path) -> np.ndarray:
-    """An instance-id mask PNG as an integer array (palette indices kept, not converted to colours)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        if image.mode not in ("L", "P", "I", "I;16", "1"):
-            raise ValueError(f"{path}: a mask must be single-channel (ids per pixel), got mode {image.mode}")
-        return np.asarray(image).astype(np.int64)
-
-
 @dataclass
 class Truth:
     """One image's ground truth: its boxes and, when it came from a mask, the foreground."""
@@ -116,7 +108,7 @@ def read_truth(path, image_size: tuple[int, int] | None = None) -> Truth:
     path = Path(path)
     if path.suffix.lower() == ".xml":
         return Truth(read_voc_boxes(path), None, str(path))
-    ids = read_id_mask(path)
+    ids, _ = read_id_mask(path, "ground-truth mask", max_id=None)
     if image_size is not None and ids.shape != tuple(image_size):
         raise ValueError(f"{path}: the mask is {ids.shape[1]} x {ids.shape[0]} pixels but its image is "
                          f"{image_size[1]} x {image_size[0]}: give the mask of this image, at its size")

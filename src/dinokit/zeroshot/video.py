@@ -2,9 +2,9 @@
 file, read one frame at a time.
 
 Video files: animated GIF / WebP / multi-page TIFF (and APNG) are decoded with Pillow; other containers (MP4,
-AVI, MOV, MKV, WebM) with imageio when it has a video plugin (PyAV or imageio-ffmpeg), else refused with the fix.
+AVI, MOV, MKV, WebM) with PyAV (`video_av`, the `video` extra), else refused with the install command.
 Everything is checked before the first output is written: every frame file's size from its header (all must be
-equal), the video's first frame decodes and the frame count is known where the container says it."""
+equal); a video file is decoded once, frame by frame, for its exact frame count and size."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageSequence
+
+from dinokit.zeroshot import video_av
 
 PIL_VIDEOS = (".gif", ".webp", ".tif", ".tiff", ".png", ".apng")
 OTHER_VIDEOS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -40,7 +41,7 @@ class FrameSource:
         elif self.path.suffix.lower() in PIL_VIDEOS:
             yield from _pil_frames(self.path)
         else:
-            yield from _imageio_frames(self.path)
+            yield from video_av.frames(self.path, len(self.names))
 
 
 def open_frames(path: str | os.PathLike) -> FrameSource:
@@ -111,39 +112,15 @@ def _pil_frames(path: Path) -> Iterator[Image.Image]:
             yield frame.convert("RGB")
 
 
-def _imageio_frames(path: Path) -> Iterator[Image.Image]:
-    iio = _imageio_v3(path)
-    for frame in iio.imiter(path):
-        yield Image.fromarray(np.asarray(frame, dtype=np.uint8)[..., :3])
-
-
-def _imageio_v3(path: Path):
-    try:
-        import imageio.v3 as iio
-    except ImportError:
-        iio = None
-    has_plugin = False
-    for plugin in ("av", "imageio_ffmpeg"):
-        try:
-            __import__(plugin)
-            has_plugin = True
-        except ImportError:
-            pass
-    if iio is None or not has_plugin:
-        raise ValueError(f"{path.name}: decoding {path.suffix} videos needs imageio with PyAV (pip install imageio "
-                         f"av); or extract the frames first (ffmpeg -i {path.name} frames/%05d.png) and give the "
-                         f"folder")
-    return iio
-
-
 def _probe(path: Path) -> tuple[int, tuple[int, int]]:
     """(frame count, (width, height)) of a video file, decoding its frames once (sizes are checked too)."""
     from dinokit.data.images import display_path
 
+    if path.suffix.lower() not in PIL_VIDEOS:
+        return video_av.probe(path)
     count, size = 0, None
     try:
-        frames = _pil_frames(path) if path.suffix.lower() in PIL_VIDEOS else _imageio_frames(path)
-        for frame in frames:
+        for frame in _pil_frames(path):
             if size is None:
                 size = frame.size
             elif frame.size != size:
