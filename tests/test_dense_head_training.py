@@ -141,6 +141,19 @@ def test_conv_first_depth_prediction_equals_upsample_then_conv():
     assert torch.allclose(_predict(head, features, 0, 14, (45, 67)), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_bin_sum_depth_of_the_training_loss_equals_metas_normalise_then_sum_with_its_gradient():
+    torch.manual_seed(0)
+    head = LinearDepthHead(4, 1, 0.001, 80.0)
+    logits = (torch.randn(1, 256, 6, 9, dtype=torch.float64) * 2).requires_grad_()  # about half the bins below 0
+    reference = head.depth_from_logits(logits)[0, 0]
+    (reference * torch.linspace(0, 1, 54, dtype=torch.float64).view(6, 9)).sum().backward()
+    expected_grad, logits.grad = logits.grad, None
+    got = head.depth_from_bin_rows(logits[0].flatten(1)).view(6, 9)
+    (got * torch.linspace(0, 1, 54, dtype=torch.float64).view(6, 9)).sum().backward()
+    assert torch.allclose(got, reference, atol=1e-12, rtol=1e-12)  # float64: the same function
+    assert torch.allclose(logits.grad, expected_grad, atol=1e-12, rtol=1e-9)
+    assert (logits.grad == 0).any()  # the relu's dead bins pass no gradient in both forms
+
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
     return tiny_backbone(tmp_path_factory.mktemp("backbone") / "model", layers=1)

@@ -44,7 +44,7 @@ class LinearDepthHead(nn.Module):
         """(B, n_bins, H, W) bin logits (the conv's output) -> depth (B, 1, H, W)."""
         p = F.relu(logits) + BIN_EPS
         p = p / p.sum(dim=1, keepdim=True)
-        return torch.einsum("bkhw,k->bhw", p, self.bins(logits.device)).unsqueeze(1)
+        return torch.einsum("bkhw,k->bhw", p, self.bins(logits.device).to(logits.dtype)).unsqueeze(1)
 
     def depth_from_bin_rows(self, logits: torch.Tensor) -> torch.Tensor:
         """(n_bins, N) bin logits, one column per pixel -> depth (N,): the training loss's form of
