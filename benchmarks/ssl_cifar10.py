@@ -82,6 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=40.0, help="training wall-clock budget")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 ImageFolder root (train/, test/)")
+    parser.add_argument("--train-source", default=None,
+                        help="the images to pretrain on: a folder or a list file such as curate's selected.txt "
+                             "(default: DATA/train); k-NN always uses DATA/train and DATA/test")
     parser.add_argument("--config", default="cpu_tiny_cifar")
     parser.add_argument("--output", default="/tmp/dinokit_ssl_cifar10", help="run directory")
     parser.add_argument("--results", default="ssl_cifar10.json")
@@ -110,6 +113,7 @@ def main() -> None:
     data = Path(args.data)
     if not (data / "train").is_dir() or not (data / "test").is_dir():
         raise SystemExit(f"CIFAR-10 not found under {data} (expected train/ and test/ ImageFolder trees).")
+    source = Path(args.train_source) if args.train_source else data / "train"
     results_path = Path(args.results)
     load_start = os.getloadavg()
 
@@ -118,7 +122,7 @@ def main() -> None:
     global_batch = cfg.train.batch_size_per_gpu * env.world_size
     if not env.is_main:  # the other ranks only train
         fit_schedule(cfg, args.iterations, args.epochs)
-        Trainer(cfg, data / "train", args.output, env=env, progress=False).run(max_minutes=args.minutes)
+        Trainer(cfg, source, args.output, env=env, progress=False).run(max_minutes=args.minutes)
         return
     t0 = time.perf_counter()
     monitor = KnnMonitor(data / "train", data / "test", size, max_train=args.max_train, max_test=args.max_test, k=20)
@@ -127,7 +131,7 @@ def main() -> None:
           f"({load_s:.0f} s to decode)", flush=True)
 
     results: dict = {
-        "benchmark": "ssl_cifar10", "config": args.config, "overrides": args.overrides,
+        "benchmark": "ssl_cifar10", "train_source": str(source), "config": args.config, "overrides": args.overrides,
         "minutes_budget": args.minutes, "threads": args.threads, "workers": args.workers,
         "processes": env.world_size, "global_batch": global_batch, "device": str(env.device),
         "knn": {"k": 20, "temperature": 0.07, "feature": "teacher final-norm CLS", "image_size": size,
@@ -151,7 +155,7 @@ def main() -> None:
     eval_s = time.perf_counter() - t0
     print(f"baselines: {results['baselines']} ({eval_s:.0f} s)", flush=True)
 
-    dataset = build_dataset(cfg, data / "train")
+    dataset = build_dataset(cfg, source)
     if args.iterations:
         iterations, seconds_per_iteration = args.iterations, None
     else:
@@ -166,7 +170,7 @@ def main() -> None:
                            "batch_size": global_batch}
     print(f"calibration: {seconds_per_iteration} s/iteration -> {total} iterations planned", flush=True)
 
-    trainer = Trainer(load_train_config(cfg.to_dict()), data / "train", args.output, env=env, progress=False)
+    trainer = Trainer(load_train_config(cfg.to_dict()), source, args.output, env=env, progress=False)
     eval_at = [round(total * (i + 1) / (args.eval_points + 1)) for i in range(args.eval_points)]
     curve = [{"iteration": 0, "images_seen": 0, "train_minutes": 0.0,
               "knn_top1": results["baselines"]["random_init"]}]
