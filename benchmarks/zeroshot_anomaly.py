@@ -9,9 +9,14 @@ AnomalyDINO as `dinokit anomaly` runs it (no masking, no rotation) at --resoluti
 paper's 448 would upsample them and cost 4x the tokens on this CPU). Feature sources:
 - `vits14`: the ViT-S/14 architecture with RANDOM weights (the `vits14` preset, seed 0): no trained weights can
   be downloaded here, so this row tests the plumbing, not DINO;
-- `raw pixels`: each 14 x 14 patch's 588 normalised pixel values (a toy model with the same interface).
+- `raw pixels`: each 14 x 14 patch's 588 normalised pixel values (a toy model with the same interface);
+- with `--trained MODEL`, `trained ...`: a `dinokit train` model with small patches (e.g. the CIFAR-10 micro ViT,
+  patch 4) at resolution x patch / 14 (64 for patch 4), i.e. the same 16 x 16 grid of 14-pixel cells;
+  `--only-trained` skips the other rows.
 
     OMP_NUM_THREADS=2 nice python benchmarks/zeroshot_anomaly.py --results benchmarks/results_zeroshot_anomaly.json
+    python benchmarks/zeroshot_anomaly.py --trained RUN/teacher --only-trained \
+        --results benchmarks/results_zeroshot_anomaly_trained.json
 """
 
 from __future__ import annotations
@@ -100,12 +105,25 @@ def main() -> None:
     parser.add_argument("--per-side", type=int, default=15, help="normal and defective test images per class")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--trained", default=None, help="a trained model (path) for the `trained` row")
+    parser.add_argument("--only-trained", action="store_true", help="only the --trained row")
     args = parser.parse_args()
+    if args.only_trained and not args.trained:
+        parser.error("--only-trained needs --trained MODEL")
 
     from dinokit import load_model
 
     torch.manual_seed(0)
-    models = {"vits14 (random)": load_model("vits14").eval(), "raw pixels": RawPixelPatches().eval()}
+    models = {} if args.only_trained else {"vits14 (random)": (load_model("vits14").eval(), args.resolution),
+                                           "raw pixels": (RawPixelPatches().eval(), args.resolution)}
+    if args.trained:
+        from cell_encoder import load_trained
+
+        trained, trained_name = load_trained(args.trained)
+        patch = trained.config.patch_size
+        if args.resolution * patch % 14:
+            parser.error(f"--resolution {args.resolution} is not whole 14-pixel cells")
+        models[trained_name] = (trained, args.resolution * patch // 14)  # the same grid of 14-pixel cells
     load = os.getloadavg()
     start = time.perf_counter()
     per_class = []
@@ -113,8 +131,8 @@ def main() -> None:
         rng = np.random.default_rng(0)
         normals = [read_image(p) for p in files(args.data, "train", cls)[: max(SHOTS)]]
         tests, masks = test_set(args.data, cls, args.per_side, rng)
-        for name, net in models.items():
-            for row in evaluate(net, normals, tests, masks, args.resolution):
+        for name, (net, resolution) in models.items():
+            for row in evaluate(net, normals, tests, masks, resolution):
                 per_class.append({"class": cls, "features": name, **row})
     seconds = time.perf_counter() - start
 
@@ -136,6 +154,7 @@ def main() -> None:
             "benchmark": "zeroshot_anomaly", "classes": CLASSES, "per_side": args.per_side, "square": SQUARE,
             "resolution": args.resolution,
             "note": "vits14 uses RANDOM weights (no trained weights here): plumbing, not DINO",
+            "trained_model": args.trained,
             "machine": cpu_description(), "load_average_at_start": load, "seconds": seconds, "rows": rows,
             "per_class": per_class}, indent=2) + "\n")
 

@@ -10,9 +10,14 @@ size (LOST/TokenCut do not resize), zero-padded to whole 14-pixel patches. Featu
 - `raw pixels`: each patch's 588 normalised pixel values;
 - `oracle`: +u on patches that are mostly person, -u elsewhere (u a fixed unit vector in 8 dimensions), plus
   N(0, 0.1²) noise: what the algorithms reach with features that separate the object perfectly;
-- `whole image`: the box of the whole image and an all-ones mask (no features).
+- `whole image`: the box of the whole image and an all-ones mask (no features);
+- with `--trained MODEL`, `trained ... keys` / `tokens`: a `dinokit train` model with small patches (e.g. the
+  CIFAR-10 micro ViT, patch 4) on the same 14-pixel grid: the padded image shrunk by patch / 14 first
+  (`cell_encoder.py`); `--only-trained` skips the other rows.
 
     OMP_NUM_THREADS=2 nice python benchmarks/zeroshot_discover.py --results benchmarks/results_zeroshot_discover.json
+    python benchmarks/zeroshot_discover.py --trained RUN/teacher --only-trained \
+        --results benchmarks/results_zeroshot_discover_trained.json
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cell_encoder import load_trained, shrink_to_cells  # noqa: E402
 from machine import cpu_description  # noqa: E402
 
 from dinokit.data.images import read_image  # noqa: E402
 from dinokit.zeroshot.corloc import best_iou, mask_boxes, mask_iou  # noqa: E402
 from dinokit.zeroshot.discovery import Discovery, pixel_box, run_method  # noqa: E402
-from dinokit.zeroshot.features import extract, normalize_image  # noqa: E402
+from dinokit.zeroshot.features import extract, normalize_image, pad_to_multiple  # noqa: E402
 from dinokit.zeroshot.masks import read_id_mask  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "pennfudan"
@@ -78,14 +84,21 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--trained", default=None, help="a trained model (path) for the `trained` rows")
+    parser.add_argument("--only-trained", action="store_true", help="only the --trained rows")
     args = parser.parse_args()
+    if args.only_trained and not args.trained:
+        parser.error("--only-trained needs --trained MODEL")
 
     from dinokit import load_model
 
     torch.manual_seed(0)
     model = load_model("vits14").eval()
     rng = np.random.default_rng(0)
-    sources = ["vits14 keys", "vits14 tokens", "raw pixels", "oracle"]
+    sources = [] if args.only_trained else ["vits14 keys", "vits14 tokens", "raw pixels", "oracle"]
+    if args.trained:
+        trained, trained_name = load_trained(args.trained)
+        sources += [f"{trained_name} keys", f"{trained_name} tokens"]
     ious = {(s, m): [] for s in sources for m in ("lost", "tokencut")}
     whole = []
     load = os.getloadavg()
@@ -97,9 +110,16 @@ def main() -> None:
         truth, person = mask_boxes(ids), ids > 0
         size = (image.height, image.width)
         pixels = normalize_image(image, model)
-        features = {"vits14 keys": extract(model, pixels, "keys").features[0].numpy(),
-                    "vits14 tokens": extract(model, pixels, "tokens").features[0].numpy(),
-                    "raw pixels": raw_pixels(pixels), "oracle": oracle(person, rng)}
+        features = {}
+        if not args.only_trained:
+            features = {"vits14 keys": extract(model, pixels, "keys").features[0].numpy(),
+                        "vits14 tokens": extract(model, pixels, "tokens").features[0].numpy(),
+                        "raw pixels": raw_pixels(pixels), "oracle": oracle(person, rng)}
+        if args.trained:
+            cells = shrink_to_cells(pad_to_multiple(normalize_image(image, trained), PATCH), PATCH,
+                                    trained.config.patch_size)
+            for facet in ("keys", "tokens"):
+                features[f"{trained_name} {facet}"] = extract(trained, cells, facet).features[0].numpy()
         for source, f in features.items():
             for method in ("lost", "tokencut"):
                 ious[source, method].append(score(run_method(f, method), size, truth, person))
@@ -124,6 +144,7 @@ def main() -> None:
         args.results.write_text(json.dumps({
             "benchmark": "zeroshot_discover", "data": "pennfudan val (last 50 sorted stems)", "images": len(stems),
             "note": "vits14 rows use RANDOM weights (no trained weights here): plumbing, not DINO",
+            "trained_model": args.trained,
             "machine": cpu_description(), "load_average_at_start": load, "seconds": seconds, "rows": rows},
             indent=2) + "\n")
 

@@ -16,9 +16,14 @@ Rows:
 - `oracle`: features = random Fourier features of each patch centre's position in A's frame (B's centres are taken
   back to A by H^-1): the matcher's ceiling at this patch size;
 - `raw pixels`: a patch's centred, normalised 14 x 14 x 3 pixels (`tracking.PixelEncoder`);
-- `random ViT-S/14`: the `vits14` preset, RANDOMLY INITIALISED (no trained weights can be downloaded here).
+- `random ViT-S/14`: the `vits14` preset, RANDOMLY INITIALISED (no trained weights can be downloaded here);
+- with `--trained MODEL`, `trained ...`: a `dinokit train` model with small patches (e.g. the CIFAR-10 micro ViT,
+  patch 4) on the same 14-pixel grid, each image shrunk by patch / 14 first (`cell_encoder.py`);
+  `--only-trained` skips the other rows.
 
     nice -n 10 python benchmarks/zeroshot_match.py --results benchmarks/results_zeroshot_match.json
+    python benchmarks/zeroshot_match.py --trained RUN/teacher --only-trained \
+        --results benchmarks/results_zeroshot_match_trained.json
 """
 
 from __future__ import annotations
@@ -152,9 +157,13 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=12)
     parser.add_argument("--rho", type=float, default=0.15)
     parser.add_argument("--results", default=None, help="JSON file to write")
+    parser.add_argument("--trained", default=None, help="a trained model (path) for the `trained` row")
+    parser.add_argument("--only-trained", action="store_true", help="only the --trained row")
     parser.add_argument("--picture", default=None, help="only draw the first pair's matches by the random "
                                                         "ViT-S/14 (mutual ones) to this PNG")
     args = parser.parse_args()
+    if args.only_trained and not args.trained:
+        parser.error("--only-trained needs --trained MODEL")
     if args.picture:
         from dinokit import load_model
         from dinokit.zeroshot.matching import match, picture
@@ -172,8 +181,14 @@ def main() -> None:
     torch.manual_seed(0)
     vit = as_encoder(load_model("vits14").eval())
     data = list(pairs(args.pairs, args.rho))
-    rows = {"identity": identity_sides, "oracle": lambda a, b, H: oracle_sides(H),
-            "raw pixels": encoder_sides(PixelEncoder(PATCH)), "random ViT-S/14": encoder_sides(vit)}
+    rows = {} if args.only_trained else {
+        "identity": identity_sides, "oracle": lambda a, b, H: oracle_sides(H),
+        "raw pixels": encoder_sides(PixelEncoder(PATCH)), "random ViT-S/14": encoder_sides(vit)}
+    if args.trained:
+        from cell_encoder import CellEncoder, load_trained
+
+        trained, trained_name = load_trained(args.trained)
+        rows[trained_name] = encoder_sides(CellEncoder(trained, PATCH))
     load_before = os.getloadavg()
     table = {}
     for name, sides_of in rows.items():
@@ -189,8 +204,10 @@ def main() -> None:
               "load_average_after": [round(v, 2) for v in os.getloadavg()], "pairs": args.pairs, "rho": args.rho,
               "size": SIZE, "patch": PATCH, "homographies": {name: H.round(6).tolist() for name, _, _, H in data},
               "table": table,
-              "pairs_per_second_random_vits14": round(args.pairs / table["random ViT-S/14"]["seconds"], 3),
-              "note": "random ViT-S/14 = vits14 preset, randomly initialised: no trained weights here"}
+              "note": "random ViT-S/14 = vits14 preset, randomly initialised: no trained weights here",
+              "trained_model": args.trained}
+    if "random ViT-S/14" in table:
+        result["pairs_per_second_random_vits14"] = round(args.pairs / table["random ViT-S/14"]["seconds"], 3)
     print(result["machine"])
     if args.results:
         Path(args.results).write_text(json.dumps(result, indent=2) + "\n")

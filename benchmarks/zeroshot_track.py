@@ -12,7 +12,10 @@ Rows (feature sources; the propagation rule is the same for all):
 - `oracle`: features = (fraction of the patch inside the true mask, 1 - it) + 1e-3 noise: the propagation's own
   ceiling at this patch size (what is left is quantisation to 14-px patches);
 - `raw pixels`: a patch's centred, normalised 14 x 14 x 3 pixels (`tracking.PixelEncoder`);
-- `random ViT-S/14`: the `vits14` preset, RANDOMLY INITIALISED (no trained weights can be downloaded here).
+- `random ViT-S/14`: the `vits14` preset, RANDOMLY INITIALISED (no trained weights can be downloaded here);
+- with `--trained MODEL`, `trained ...`: a `dinokit train` model with small patches (e.g. the CIFAR-10 micro ViT,
+  patch 4) on the same 14-pixel grid, each frame shrunk by patch / 14 first (`cell_encoder.py`);
+  `--only-trained` skips the other rows (and the speed figure).
 Columns: the `dino` (v1 script) and `dinov3` (v3 notebook) rules, both at short side 448 (the frames' size, 32 x 32
 patches; the presets' own 480 / 960 would only upscale the frames), so they differ in window shape, temperature,
 resize and upsampling only.
@@ -21,6 +24,8 @@ Speed: frames/s of `track` with the random ViT-S/14 at the `dino` preset's own r
 frame -> 832 x 480 -> 34 x 59 patches), the load average recorded beside it.
 
     nice -n 10 python benchmarks/zeroshot_track.py --results benchmarks/results_zeroshot_track.json
+    python benchmarks/zeroshot_track.py --trained RUN/teacher --only-trained \
+        --results benchmarks/results_zeroshot_track_trained.json
 """
 
 from __future__ import annotations
@@ -156,9 +161,13 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--results", default=None, help="JSON file to write")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--trained", default=None, help="a trained model (path) for the `trained` row")
+    parser.add_argument("--only-trained", action="store_true", help="only the --trained row")
     parser.add_argument("--picture", default=None, help="only draw video 0 tracked by the random ViT-S/14 (dino "
                                                         "rules) to this PNG: frames 0, 8, 16, 23, truth vs prediction")
     args = parser.parse_args()
+    if args.only_trained and not args.trained:
+        parser.error("--only-trained needs --trained MODEL")
     if args.picture:
         picture(args.picture, args.frames)
         return
@@ -179,6 +188,15 @@ def main() -> None:
         "random ViT-S/14": lambda preset: (lambda frames, masks: track(frames, masks[0], vit, preset,
                                                                        short_side=SIZE)),
     }
+    if args.only_trained:
+        rows = {}
+    if args.trained:
+        from cell_encoder import CellEncoder, load_trained
+
+        trained, trained_name = load_trained(args.trained)
+        cells = CellEncoder(trained, PATCH)
+        rows[trained_name] = lambda preset: (lambda frames, masks: track(frames, masks[0], cells, preset,
+                                                                         short_side=SIZE))
     load_before = os.getloadavg()
     table = {}
     for name, make in rows.items():
@@ -193,8 +211,9 @@ def main() -> None:
     result = {"machine": cpu_description(), "load_average_before": [round(v, 2) for v in load_before],
               "load_average_after": [round(v, 2) for v in os.getloadavg()], "videos": args.videos,
               "frames": args.frames, "size": SIZE, "patch": PATCH, "table": table,
-              "note": "random ViT-S/14 = vits14 preset, randomly initialised: no trained weights here"}
-    if not args.no_speed:
+              "note": "random ViT-S/14 = vits14 preset, randomly initialised: no trained weights here",
+              "trained_model": args.trained}
+    if not args.no_speed and not args.only_trained:
         result["speed_random_vits14_dino_preset"] = speed(vit)
         print("speed:", result["speed_random_vits14_dino_preset"])
     print(result["machine"])
