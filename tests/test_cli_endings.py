@@ -70,16 +70,37 @@ def symlinked_images(tmp_path):
 
 
 def _children(pid: int) -> list[int]:
+    """The decoding workers of process `pid`: its children forked from it (the same command line). Other children
+    (a `resource_tracker`, a helper a library spawns) are left out: stopping one of those would test nothing, and
+    it would hold the test's stderr pipe open after the command had ended."""
+    own = Path(f"/proc/{pid}/cmdline").read_bytes()
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and (stat.parent / "cmdline").read_bytes() == own:
+                found.append(int(stat.parent.name))
         except OSError:  # ended meanwhile
             continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
     assert found, f"process {pid} has no decoding workers"
     return sorted(found)
+
+
+def _process_states(pid: int) -> str:
+    """`pid` and its children: state, kernel wait channel and command, to explain a hang."""
+    lines = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            fields = text.rsplit(")", 1)[1].split()
+            this = int(stat.parent.name)
+            if this == pid or int(fields[1]) == pid:
+                wchan = (stat.parent / "wchan").read_text()
+                command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+                lines.append(f"{this} state {fields[0]} wchan {wchan} {command}")
+        except OSError:
+            continue
+    return "\n".join(lines)
 
 
 @pytest.mark.slow
@@ -110,7 +131,10 @@ def test_sigint_to_a_running_embed_ends_in_one_line_even_with_a_stalled_worker_a
         os.killpg(proc.pid, signal.SIGINT)
         # The exit takes 2-5 s on 2 cores with a load of 10 (measured: nice 10, four busy loops); 60 s is a bound
         # on "Ctrl-C ends promptly", not a measurement, so it has a margin of more than 10x.
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the interrupted run had not ended after 60 s:\n{_process_states(proc.pid)}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
