@@ -26,6 +26,7 @@ frame -> 832 x 480 -> 34 x 59 patches), the load average recorded beside it.
     nice -n 10 python benchmarks/zeroshot_track.py --results benchmarks/results_zeroshot_track.json
     python benchmarks/zeroshot_track.py --trained RUN/teacher --only-trained \
         --results benchmarks/results_zeroshot_track_trained.json
+    python benchmarks/zeroshot_track.py --speed-only --results benchmarks/results_zeroshot_track_speed.json
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--results", default=None, help="JSON file to write")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="only the frames/s figure (no videos scored)")
     parser.add_argument("--trained", default=None, help="a trained model (path) for the `trained` row")
     parser.add_argument("--only-trained", action="store_true", help="only the --trained row")
     parser.add_argument("--picture", default=None, help="only draw video 0 tracked by the random ViT-S/14 (dino "
@@ -178,6 +180,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     vit = load_model("vits14").eval()
+    if args.speed_only:
+        result = {"machine": cpu_description(), "speed_random_vits14_dino_preset": speed(vit)}
+        print(result)
+        if args.results:
+            Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
+        return
     videos = [synthetic_video(i, args.frames) for i in range(args.videos)]
     rows = {
         "copy first mask": lambda preset: (lambda frames, masks: [masks[0]] * len(frames)),
