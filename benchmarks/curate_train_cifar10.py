@@ -14,7 +14,7 @@ k-NN top-1 on CIFAR-10 test.
    on all 10,000 test images; ssl_cifar10.py also stores random init and raw pixels under the same protocol.
 
     python benchmarks/curate_train_cifar10.py --work /tmp/c25 --embed-model /tmp/c25/embedder/teacher \\
-        --iterations 1800 --output benchmarks/results_curate_train_cifar10.json
+        --iterations 2500 --output benchmarks/results_curate_train_cifar10.json
 
 Every step is reused when its output exists (a rerun after a kill goes on), except a training run whose results
 file is incomplete: remove its folder to redo it.
