@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cell_encoder import load_trained, shrink_to_cells  # noqa: E402
+from cell_encoder import CellEncoder, load_trained  # noqa: E402
 from machine import cpu_description  # noqa: E402
 
 from dinokit.data.images import read_image  # noqa: E402
@@ -98,7 +98,8 @@ def main() -> None:
     sources = [] if args.only_trained else ["vits14 keys", "vits14 tokens", "raw pixels", "oracle"]
     if args.trained:
         trained, trained_name = load_trained(args.trained)
-        sources += [f"{trained_name} keys", f"{trained_name} tokens"]
+        trained_facets = {f"{trained_name} {facet}": CellEncoder(trained, PATCH, facet) for facet in ("keys", "tokens")}
+        sources += list(trained_facets)
     ious = {(s, m): [] for s in sources for m in ("lost", "tokencut")}
     whole = []
     load = os.getloadavg()
@@ -116,10 +117,8 @@ def main() -> None:
                         "vits14 tokens": extract(model, pixels, "tokens").features[0].numpy(),
                         "raw pixels": raw_pixels(pixels), "oracle": oracle(person, rng)}
         if args.trained:
-            cells = shrink_to_cells(pad_to_multiple(normalize_image(image, trained), PATCH), PATCH,
-                                    trained.config.patch_size)
-            for facet in ("keys", "tokens"):
-                features[f"{trained_name} {facet}"] = extract(trained, cells, facet).features[0].numpy()
+            padded = pad_to_multiple(normalize_image(image, trained), PATCH)
+            features.update({name: encoder(padded).numpy() for name, encoder in trained_facets.items()})
         for source, f in features.items():
             for method in ("lost", "tokencut"):
                 ious[source, method].append(score(run_method(f, method), size, truth, person))

@@ -69,18 +69,27 @@ def symlinked_images(tmp_path):
     return folder
 
 
-def _children(pid: int) -> list[int]:
-    """The decoding workers of process `pid`: its children forked from it (the same command line). Other children
-    (a `resource_tracker`, a helper a library spawns) are left out: stopping one of those would test nothing, and
-    it would hold the test's stderr pipe open after the command had ended."""
-    own = Path(f"/proc/{pid}/cmdline").read_bytes()
-    found = []
+def _family(pid: int):
+    """(pid, /proc/PID folder, stat fields after the command name) of `pid` and each of its children."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid and (stat.parent / "cmdline").read_bytes() == own:
-                found.append(int(stat.parent.name))
         except OSError:  # ended meanwhile
+            continue
+        this = int(stat.parent.name)
+        if this == pid or int(fields[1]) == pid:
+            yield this, stat.parent, fields
+
+
+def _children(pid: int) -> list[int]:
+    """The decoding workers of process `pid`: its children forked from it (the same command line)."""
+    own = Path(f"/proc/{pid}/cmdline").read_bytes()
+    found = []
+    for this, folder, _ in _family(pid):
+        try:
+            if this != pid and (folder / "cmdline").read_bytes() == own:
+                found.append(this)
+        except OSError:
             continue
     assert found, f"process {pid} has no decoding workers"
     return sorted(found)
@@ -91,21 +100,17 @@ def _sigint_at_default() -> None:
 
 
 def _process_states(pid: int) -> str:
-    """`pid` and its children: state, kernel wait channel and command, to explain a hang."""
+    """`pid` and its children: state, kernel wait channel, signal masks, threads and command, to explain a hang."""
     lines = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for this, folder, fields in _family(pid):
         try:
-            text = stat.read_text()
-            fields = text.rsplit(")", 1)[1].split()
-            this = int(stat.parent.name)
-            if this == pid or int(fields[1]) == pid:
-                wchan = (stat.parent / "wchan").read_text()
-                signals = " ".join(line.split()[0] + line.split()[1] for line in (stat.parent / "status").read_text()
-                                   .splitlines() if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn")))
-                command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
-                lines.append(f"{this} state {fields[0]} wchan {wchan} {signals} threads {fields[17]} {command}")
+            wchan = (folder / "wchan").read_text()
+            signals = " ".join("".join(line.split()[:2]) for line in (folder / "status").read_text().splitlines()
+                               if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn")))
+            command = (folder / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
         except OSError:
             continue
+        lines.append(f"{this} state {fields[0]} wchan {wchan} {signals} threads {fields[17]} {command}")
     return "\n".join(lines)
 
 
