@@ -13,12 +13,13 @@ import torch.nn.functional as F
 
 from dense_helpers import depth_dataset, seg_dataset, tiny_backbone
 from dinokit.cli import main
-from dinokit.dense.depth_train import _predict
+from dinokit.dense.depth_train import _predict, fit_depth_head
 from dinokit.dense.features import DenseFeatures, to_image
 from dinokit.dense.head_training import HeadTrainConfig, fit, plan
 from dinokit.dense.interpolation import bilinear_weights, resize_separable, to_image_weights
 from dinokit.dense.linear_depth import LinearDepthHead
 from dinokit.dense.pixel_loss import PixelCrossEntropy, cell_counts, label_cells
+from dinokit.dense.upsampled_bins import upsampled_bin_sums
 
 
 @pytest.mark.parametrize("n_in,n_out", [(5, 70), (37, 518), (49, 686), (7, 3), (518, 180), (1, 5), (6, 6)])
@@ -130,29 +131,74 @@ def test_after_a_plateau_the_learning_rate_falls_linearly_to_zero_over_the_coold
         HeadTrainConfig(cooldown=-1)
 
 
-def test_conv_first_depth_prediction_equals_upsample_then_conv():
+def _depth_levels(grids, width=4, layers=2, seed=0):
+    """Per image, Meta's depth-head input (patch map, CLS) per block, and the same as DepthFeatures' cached tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [[(torch.randn(1, width, *grid, generator=generator), torch.randn(1, width, generator=generator))
+               for _ in range(layers)] for grid in grids]
+    tokens = [torch.cat([torch.cat([x, c[:, :, None, None].expand_as(x)], 1) for x, c in levels], 1)[0]
+              for levels in images]
+    tokens = np.concatenate([t.flatten(1).T.numpy() for t in tokens])
+    resized = [(grid[0] * 14 - 5, grid[1] * 14 - 9) for grid in grids]
+    features = DenseFeatures(tokens, np.array([[*g, *r] for g, r in zip(grids, resized)]), ["a", "b"][:len(grids)])
+    return images, features
+
+
+def test_training_depth_prediction_equals_metas_head_then_to_image():
+    grids, sizes = [(5, 7), (13, 17)], [(45, 67), (150, 200)]  # 13 x 17 x 16 = 3,536 pixels: two bands
+    images, features = _depth_levels(grids)
     torch.manual_seed(0)
-    head = LinearDepthHead(4, 1, 0.001, 10.0)
-    tokens = torch.randn(35, 8)
-    features = DenseFeatures(tokens.numpy().astype(np.float16), np.array([[5, 7, 60, 90]]), ["a"])
-    maps = features.tokens(0).T.reshape(1, 8, 5, 7)
-    reference = head.depth_from_features(F.interpolate(maps, size=(20, 28), mode="bilinear", align_corners=False))
-    reference = to_image(reference[0], (60, 90), 14, (45, 67), grid=(5, 7))[0]
-    assert torch.allclose(_predict(head, features, 0, 14, (45, 67)), reference, atol=1e-5, rtol=1e-5)
+    head = LinearDepthHead(4, 2, 0.001, 10.0)
+    got = _predict(head, features, [0, 1], 14, sizes)
+    for i, (levels, size) in enumerate(zip(images, sizes)):
+        reference = to_image(head(levels)[0], features.resized(i), 14, size, grid=grids[i])[0]
+        assert torch.allclose(got[i], reference, atol=1e-5, rtol=1e-5)
 
 
-def test_bin_sum_depth_of_the_training_loss_equals_metas_normalise_then_sum_with_its_gradient():
+def test_upsampled_bin_depth_and_its_gradient_equal_metas_upsample_then_normalise_then_sum():
     torch.manual_seed(0)
     head = LinearDepthHead(4, 1, 0.001, 80.0)
-    logits = (torch.randn(1, 256, 6, 9, dtype=torch.float64) * 2).requires_grad_()  # about half the bins below 0
-    reference = head.depth_from_logits(logits)[0, 0]
-    (reference * torch.linspace(0, 1, 54, dtype=torch.float64).view(6, 9)).sum().backward()
-    expected_grad, logits.grad = logits.grad, None
-    got = head.depth_from_bin_rows(logits[0].flatten(1)).view(6, 9)
-    (got * torch.linspace(0, 1, 54, dtype=torch.float64).view(6, 9)).sum().backward()
-    assert torch.allclose(got, reference, atol=1e-12, rtol=1e-12)  # float64: the same function
-    assert torch.allclose(logits.grad, expected_grad, atol=1e-12, rtol=1e-9)
+    grids = [(6, 9), (13, 17), (1, 2)]
+    maps = [(torch.randn(1, 256, *g, dtype=torch.float64) * 2).requires_grad_() for g in grids]  # half below 0
+    weights = [torch.rand(g[0] * 4, g[1] * 4, dtype=torch.float64) for g in grids]
+    reference = [head.depth_from_logits(F.interpolate(m, scale_factor=4, mode="bilinear", align_corners=False))[0, 0]
+                 for m in maps]
+    sum(((d * w).sum() for d, w in zip(reference, weights))).backward()
+    expected = [m.grad for m in maps]
+    logits = torch.cat([m[0].detach().flatten(1).T for m in maps]).requires_grad_()
+    got = head.depth_from_grid_logits(logits, grids)
+    sum(((d * w).sum() for d, w in zip(got, weights))).backward()
+    for d, r in zip(got, reference):
+        assert torch.allclose(d, r, atol=1e-12, rtol=1e-12)  # float64: the same function
+    grads = logits.grad.split([h * w for h, w in grids])
+    for grad, e, g in zip(grads, expected, grids):
+        assert torch.allclose(grad.T.reshape(256, *g), e[0], atol=1e-12, rtol=1e-9)
     assert (logits.grad == 0).any()  # the relu's dead bins pass no gradient in both forms
+
+
+@pytest.mark.parametrize("band_pixels", [1, 13, 64, 10_000])
+def test_upsampled_bin_sums_are_the_same_for_any_band_size(band_pixels):
+    torch.manual_seed(1)
+    logits = torch.randn(5 * 7 + 2 * 3, 16, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(3, 16, dtype=torch.float64)
+    got = upsampled_bin_sums(logits, [(5, 7), (2, 3)], 4, rows, band_pixels)
+    (sum(s.sum() for s in got)).backward()
+    maps = [logits[:35].T.reshape(1, 16, 5, 7), logits[35:].T.reshape(1, 16, 2, 3)]
+    reference = [torch.einsum("khw,rk->hwr", F.interpolate(m, scale_factor=4, mode="bilinear")[0].relu(), rows)
+                 for m in maps]
+    expected = torch.autograd.grad(sum(r.sum() for r in reference), logits)[0]
+    for s, r in zip(got, reference):
+        assert s.shape == r.shape and torch.allclose(s, r, atol=1e-12)
+    assert torch.allclose(logits.grad, expected, atol=1e-12)
+
+
+def test_depth_training_refuses_features_whose_cls_channels_vary_over_the_grid():
+    _, features = _depth_levels([(5, 7)])
+    features.features[3, 6] += 1.0  # a CLS channel of one patch (channels 4-7 of level 0)
+    head = LinearDepthHead(4, 2, 0.001, 10.0)
+    with pytest.raises(ValueError, match="not Meta's depth input"):
+        fit_depth_head(head, features, [np.ones((45, 67), np.float32)], 14, HeadTrainConfig(iterations=1))
+
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):

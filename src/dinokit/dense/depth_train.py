@@ -8,8 +8,9 @@ image, cropped and resized to the depth map's resolution before the loss, as Met
 to the ground truth.
 
 The 1x1 conv runs on the patch grid before the x4 upsampling (both are linear and the bilinear weights sum to 1,
-so the order does not change the result; the conv then sees 16x fewer pixels), and both resizes are precomputed
-matrix pairs (`dense.interpolation`).
+so the order does not change the result; the conv then sees 16x fewer pixels), its CLS half once per image; the
+upsampled bin logits are never stored (`dense.upsampled_bins`); the resize to the depth map is a precomputed
+matrix pair (`dense.interpolation`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from dinokit import atomic
@@ -36,7 +36,7 @@ from dinokit.dense.features import (
     to_image,
 )
 from dinokit.dense.head_training import FitLog, HeadTrainConfig, fit
-from dinokit.dense.interpolation import bilinear_weights, resize_separable, to_image_weights
+from dinokit.dense.interpolation import resize_separable, to_image_weights
 from dinokit.dense.linear_depth import LinearDepthHead
 from dinokit.dense.losses import sigloss
 from dinokit.dense.metrics import depth_errors, mean_depth_errors
@@ -61,24 +61,37 @@ def load_depth_split(root, depth_scale: float):
     return samples, depths
 
 
-def _predict(head: LinearDepthHead, features: DenseFeatures, i: int, patch: int, out_size) -> torch.Tensor:
-    """Depth (H, W) of image i at `out_size`: Meta's head (bins from the x4-upsampled map) then `to_image`."""
-    grid = features.grid(i)
-    fine = (grid[0] * head.upsample, grid[1] * head.upsample)
-    logits = F.linear(features.tokens(i), head.conv_depth.weight.flatten(1), head.conv_depth.bias)
-    logits = resize_separable(logits.T.reshape(-1, *grid), bilinear_weights(grid[0], fine[0]),
-                              bilinear_weights(grid[1], fine[1]))
-    depth = head.depth_from_bin_rows(logits.flatten(1)).view(fine)
-    rows, cols = to_image_weights(grid, features.resized(i), patch, tuple(out_size), maps=fine)
-    return resize_separable(depth, rows, cols)
+def _predict(head: LinearDepthHead, features: DenseFeatures, batch: list[int], patch: int,
+             out_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Depth (H, W) of each image in `batch` at its out size: Meta's head (bins from the x4-upsampled map) then
+    `to_image`."""
+    grids = [features.grid(i) for i in batch]
+    logits = torch.cat([head.grid_logits(features.tokens(i)) for i in batch])
+    depths = head.depth_from_grid_logits(logits, grids)
+    out = []
+    for i, grid, depth, size in zip(batch, grids, depths, out_sizes):
+        rows, cols = to_image_weights(grid, features.resized(i), patch, tuple(size), maps=tuple(depth.shape))
+        out.append(resize_separable(depth, rows, cols))
+    return out
+
+
+def _check_broadcast_cls(head: LinearDepthHead, features: DenseFeatures) -> None:
+    """`grid_logits` reads each level's CLS channels from the first patch: refuse features where they vary."""
+    width = head.conv_depth.in_channels // (2 * head.n_layers)
+    for i in range(len(features)):
+        tokens = features.tokens(i).view(-1, head.n_layers, 2, width)[:, :, 1]
+        if not torch.equal(tokens, tokens[:1].expand_as(tokens)):
+            raise ValueError(f"features of {features.stems[i]!r} are not Meta's depth input (patch map and CLS "
+                             "broadcast per block): delete the feature cache or pass --no-cache")
 
 
 def fit_depth_head(head, features, depths, patch, config: DepthTrainConfig, progress=False) -> FitLog:
     targets = [torch.from_numpy(d) for d in depths]
+    _check_broadcast_cls(head, features)
 
     def batch_loss(batch: list[int]) -> torch.Tensor:
-        return sum(sigloss(_predict(head, features, i, patch, targets[i].shape), targets[i], head.max_depth)
-                   for i in batch) / len(batch)
+        predictions = _predict(head, features, batch, patch, [targets[i].shape for i in batch])
+        return sum(sigloss(p, targets[i], head.max_depth) for p, i in zip(predictions, batch)) / len(batch)
 
     head.train()
     log = fit(head.parameters(), len(features), batch_loss, config, progress)
@@ -88,7 +101,7 @@ def fit_depth_head(head, features, depths, patch, config: DepthTrainConfig, prog
 
 @torch.no_grad()
 def evaluate_depth_head(head, features, depths, patch) -> dict:
-    per_image = [depth_errors(_predict(head, features, i, patch, d.shape), d, head.min_depth, head.max_depth)
+    per_image = [depth_errors(_predict(head, features, [i], patch, [d.shape])[0], d, head.min_depth, head.max_depth)
                  for i, d in enumerate(depths)]
     return mean_depth_errors(per_image)
 

@@ -17,21 +17,27 @@ import torch
 from dinokit.dense.padding import center_padding
 
 
-@functools.lru_cache(maxsize=256)
-def bilinear_weights(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) float32 matrix W with W @ x == F.interpolate(x, n_out, "linear", align_corners=False) along
-    that axis: PyTorch's rule (source = (dst + 0.5) * n_in / n_out - 0.5, clamped at 0, blended with the next
-    sample, the last one repeated), no antialiasing."""
+def bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index (n_out, 2) int64, weight (n_out, 2) float64): output sample i of a linear resize along one axis is
+    weight[i, 0] * x[index[i, 0]] + weight[i, 1] * x[index[i, 1]], PyTorch's rule for `align_corners=False`
+    (source = (dst + 0.5) * n_in / n_out - 0.5, clamped at 0, blended with the next sample, the last one
+    repeated), no antialiasing."""
     if n_in < 1 or n_out < 1:
         raise ValueError(f"cannot resize {n_in} samples to {n_out}: both sizes must be at least 1")
     source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
     low = source.floor().long().clamp(max=n_in - 1)
     high = (low + 1).clamp(max=n_in - 1)
     frac = source - low
+    return torch.stack([low, high], 1), torch.stack([1 - frac, frac], 1)
+
+
+@functools.lru_cache(maxsize=256)
+def bilinear_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float32 matrix W with W @ x == F.interpolate(x, n_out, "linear", align_corners=False) along
+    that axis (`bilinear_taps` as a matrix)."""
+    index, weight = bilinear_taps(n_in, n_out)
     weights = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
-    weights.index_put_((rows, low), 1 - frac, accumulate=True)
-    weights.index_put_((rows, high), frac, accumulate=True)
+    weights.scatter_add_(1, index, weight)
     return weights.float()
 
 
