@@ -2,8 +2,10 @@
 predict throughput against transformers' Dinov2Model + the same head, and overlay pictures.
 
 Split (fixed): the 170 stems sorted, the first 120 train, the last 50 val; masks are instance ids, `mask > 0` is
-the person class (`--binarize`). Every row trains Meta's linear BNHead with `dinokit segment train`'s defaults
-(AdamW 1e-3, poly, --iterations steps of 8 images) on features at short side --size (518):
+the person class (`--binarize`). Every row trains Meta's linear BNHead on features at short side --size (518) with
+`dinokit segment train`'s defaults (`--recipe new`: AdamW 1e-3, poly, 100 epochs of 8-image batches with the plateau
+stop, the loss on 7 x 7 label cells per patch) or its defaults before issue 26 (`--recipe old`: exactly
+--iterations steps, the full-resolution loss):
 
 - `random`: the `vits14` preset (ViT-S/14 architecture, random weights);
 - `pretrained`: a backbone written by `dinokit train` (its `teacher/` export), e.g. on Imagenette;
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_description
 
 from dinokit.dense.features import RawPatchPixels, dense_processor
 from dinokit.dense.seg_head import BNSegHead
@@ -63,8 +66,16 @@ def make_split(data: Path, work: Path, n_train: int = 120) -> tuple[Path, Path]:
     return work / "train", work / "val"
 
 
+def train_config(args) -> SegTrainConfig:
+    """`--recipe new`: `segment train`'s defaults (epochs, plateau stop, 7-cell loss); `old`: the defaults before
+    issue 26 (exactly --iterations steps, the full-resolution loss)."""
+    if args.recipe == "new":
+        return SegTrainConfig()
+    return SegTrainConfig(iterations=args.iterations, loss_resolution=None)
+
+
 def run_model(name, model, train, val, work, args) -> dict:
-    config = SegTrainConfig(iterations=args.iterations)
+    config = train_config(args)
     started = time.perf_counter()
     metrics = train_segmentation(model, train, val, work / f"out_{name}", num_classes=2, head="linear",
                                  size=args.size, binarize=True, config=config, cache_dir=args.cache_dir,
@@ -84,7 +95,8 @@ def run_pixels(train, val, args) -> dict:
     val_features = split_features(extractor, val_split, processor, args.cache_dir, not args.quiet)
     torch.manual_seed(0)
     head = BNSegHead(extractor.channels, 2)
-    fit_head(head, train_features, train_split.masks, 14, 255, SegTrainConfig(iterations=args.iterations))
+    config = train_config(args)
+    fit_head(head, train_features, train_split.masks, 14, 255, config)
     metrics = evaluate_head(head, val_features, val_split.masks, 14, 2, 255, ["background", "foreground"])
     return {"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
             "pixel_accuracy": metrics["pixel_accuracy"], "wall_s": round(time.perf_counter() - started, 1)}
@@ -154,7 +166,10 @@ def main() -> None:
     parser.add_argument("--pretrained", help="backbone written by `dinokit train` (its teacher/ folder)")
     parser.add_argument("--rows", default="random,pretrained,pixels", help="which rows to run")
     parser.add_argument("--size", type=int, default=518)
-    parser.add_argument("--iterations", type=int, default=500, help="head steps of 8 images (500 = 33 epochs of 120)")
+    parser.add_argument("--recipe", choices=["old", "new"], default="new",
+                        help="head training: today's defaults, or the former fixed --iterations full-resolution")
+    parser.add_argument("--iterations", type=int, default=500,
+                        help="--recipe old: head steps of 8 images (500 = 33 epochs of 120)")
     parser.add_argument("--work", default="/tmp/dense_pennfudan")
     parser.add_argument("--cache-dir", default="default")
     parser.add_argument("--results", default="dense_pennfudan.json")
@@ -171,8 +186,9 @@ def main() -> None:
     train, val = make_split(data, work)
     rows = args.rows.split(",")
     results = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {}
-    results.update({"size": args.size, "iterations": args.iterations, "split": "first 120 sorted stems train, last 50 val",
-                    "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+    results.update({"size": args.size, "recipe": args.recipe, "split": "first 120 sorted stems train, last 50 val",
+                    "iterations": args.iterations if args.recipe == "old" else None,
+                    "machine": {"cpu": cpu_description(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                                 "python": platform.python_version(), "torch": torch.__version__}})
     if "random" in rows:
         results["random"] = run_model("random", "vits14", train, val, work, args)

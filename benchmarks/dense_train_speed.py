@@ -140,13 +140,10 @@ def print_table(results: dict) -> None:
     print(f"machine: {results['machine']}")
     print("| run | task | steps (stop) | wall (s) | CPU (s) | mIoU / RMSE | load avg (1 min) before-after |")
     print("|---|---|---|---|---|---|---|")
-    for name in RUNS:
-        if name not in results["runs"]:
-            continue
-        r = results["runs"][name]
+    for name, r in results["runs"].items():  # also records merged by hand under "<run> <code>" names
         score = f"{100 * r['miou']:.2f}" if "miou" in r else f"{r['rmse']:.3f} m"
         cpu = f"{r['cpu_s']:.0f}" if r.get("cpu_s") is not None else "-"
-        print(f"| {name} | {RUNS[name][0]} | {r['steps']} ({r['stop_reason']}) | {r['wall_s']:.0f} | {cpu} | {score} | "
+        print(f"| {name} | {RUNS[name.split()[0]][0]} | {r['steps']} ({r['stop_reason']}) | {r['wall_s']:.0f} | {cpu} | {score} | "
               f"{r['load_before'][0]:.1f}-{r['load_after'][0]:.1f} |")
 
 
