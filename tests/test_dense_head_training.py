@@ -234,3 +234,14 @@ def test_bad_loss_resolution_is_one_clear_error(backbone, tmp_path, capsys, valu
         code = exc.code
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_float32_copy_of_training_features_has_the_same_tokens_and_respects_its_memory_bound():
+    _, features = _depth_levels([(5, 7), (3, 4)])
+    features = DenseFeatures(features.features.astype(np.float16), features.grids, features.stems)
+    copy = features.in_float32()
+    assert copy.features.dtype == np.float32 and copy.stems == features.stems
+    for i in range(2):
+        assert torch.equal(copy.tokens(i), features.tokens(i))
+    assert features.in_float32(max_bytes=copy.features.nbytes - 1) is features  # too big: converted per read
+    assert copy.in_float32() is copy

@@ -87,6 +87,7 @@ def _check_broadcast_cls(head: LinearDepthHead, features: DenseFeatures) -> None
 
 def fit_depth_head(head, features, depths, patch, config: DepthTrainConfig, progress=False) -> FitLog:
     targets = [torch.from_numpy(d) for d in depths]
+    features = features.in_float32()
     _check_broadcast_cls(head, features)
 
     def batch_loss(batch: list[int]) -> torch.Tensor:

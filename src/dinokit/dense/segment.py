@@ -77,6 +77,7 @@ def infer_num_classes(splits: list[SegSplit], ignore_index: int) -> int:
 def fit_head(head: BNSegHead, features: DenseFeatures, masks: list[np.ndarray], patch_size: int,
              ignore_index: int, config: SegTrainConfig, progress: bool = False) -> FitLog:
     """Train `head` in place; returns the FitLog (steps, stop reason, losses)."""
+    features = features.in_float32()
     criterion = PixelCrossEntropy(features, masks, patch_size, ignore_index,
                                   getattr(config, "loss_resolution", DEFAULT_RESOLUTION))
 

@@ -9,8 +9,9 @@ logits are a 4-tap blend of grid logits (bilinear weights, `interpolation.biline
 `embedding_bag` for a band of ~2,000 pixels at a time that stays in cache, reduced to the two sums at once, and
 recomputed in the backward pass instead of stored; the gradient flows back to the grid through the transposed
 taps (again an `embedding_bag`, one bag per grid point). The same function as upsampling with
-`F.interpolate(mode="bilinear", align_corners=False)` and summing, up to float rounding (tests/test_dense_*); on a
-37 x 50 grid, 8 images, forward and backward, about 3x faster on a 2-core Zen 4.
+`F.interpolate(mode="bilinear", align_corners=False)` and summing, up to float rounding
+(tests/test_dense_head_training.py, float64, gradient included). With it `depth train` on 48 images at 240 x 180
+took 106-126 s instead of 221-231 s (2-core Zen 4; README, "Training time").
 """
 
 from __future__ import annotations
