@@ -77,7 +77,7 @@ def run_segment(setup, recipe: dict) -> dict:
     return {"miou": round(100 * metrics["miou"], 2),
             "iou": [round(100 * v, 2) for v in metrics["per_class_iou"].values()],
             "steps": log.steps, "stop": log.stop_reason, "last_epoch_loss": log.epoch_losses[-1:] or None,
-            "head_cpu_s": round(cpu, 1), "head_wall_s": round(wall, 1)}
+            "lr": config.lr, "head_cpu_s": round(cpu, 1), "head_wall_s": round(wall, 1)}
 
 
 def depth_setup(paths: dict, cache: Path):
@@ -113,7 +113,7 @@ def run_depth(setup, recipe: dict) -> dict:
     metrics = evaluate_depth_head(head, val_f, val_d, patch)
     return {**{k: round(metrics[k], 4) for k in ("rmse", "abs_rel", "a1")},
             "steps": log.steps, "stop": log.stop_reason, "last_epoch_loss": log.epoch_losses[-1:] or None,
-            "head_cpu_s": round(cpu, 1), "head_wall_s": round(wall, 1)}
+            "lr": config.lr, "head_cpu_s": round(cpu, 1), "head_wall_s": round(wall, 1)}
 
 
 def main() -> None:

@@ -245,3 +245,14 @@ def test_float32_copy_of_training_features_has_the_same_tokens_and_respects_its_
         assert torch.equal(copy.tokens(i), features.tokens(i))
     assert features.in_float32(max_bytes=copy.features.nbytes - 1) is features  # too big: converted per read
     assert copy.in_float32() is copy
+
+
+def test_the_command_line_defaults_are_the_training_configs_defaults():
+    from dinokit.dense import cli
+    from dinokit.dense.depth_train import DepthTrainConfig
+    from dinokit.dense.pixel_loss import DEFAULT_RESOLUTION
+    from dinokit.dense.segment import SegTrainConfig
+
+    assert cli.DEFAULT_LOSS_RESOLUTION == DEFAULT_RESOLUTION == SegTrainConfig().loss_resolution
+    assert cli.SEGMENT_LR == SegTrainConfig().lr == 1e-3
+    assert cli.DEPTH_LR == DepthTrainConfig().lr == 3e-3

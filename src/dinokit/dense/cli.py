@@ -30,7 +30,7 @@ class _PredictByDefault(argparse._SubParsersAction):
         super().__call__(parser, namespace, values, option_string)
 
 
-def _common_train(parser, targets: str) -> None:
+def _common_train(parser, targets: str, lr: float) -> None:
     parser.add_argument("--model", required=True,
                         help="backbone: model directory, hub id, Meta/timm checkpoint file, or preset (vits14, dinov3_vits16 = random)")
     parser.add_argument("--train", required=True, help=f"training folder: images/<stem>.jpg|png + {targets}/<stem>.png")
@@ -49,7 +49,7 @@ def _common_train(parser, targets: str) -> None:
                         help="exactly this many head steps instead of --epochs (no plateau stop; 2000 was the "
                              "default before --epochs existed)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per head training step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (poly decay)")
+    parser.add_argument("--lr", type=float, default=lr, help=f"AdamW peak learning rate (poly decay; default {lr:g})")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the head and its batches")
     parser.add_argument("--cache-dir", default="default",
@@ -62,7 +62,7 @@ def register(subparsers) -> None:
     segment = subparsers.add_parser("segment", help="semantic segmentation heads on frozen DINOv2 / DINOv3 ViT patch features")
     actions = segment.add_subparsers(dest="action", required=True)
     train = actions.add_parser("train", help="train a linear or ms head; writes the model and metrics.json (mIoU)")
-    _common_train(train, "masks")
+    _common_train(train, "masks", SEGMENT_LR)
     train.add_argument("--num-classes", type=int, help="number of classes (default: largest mask value + 1)")
     train.add_argument("--ignore-index", type=int, default=255, help="mask value left out of loss and metrics")
     train.add_argument("--head", choices=["linear", "ms"], default="linear",
@@ -84,7 +84,7 @@ def register(subparsers) -> None:
                                                "(`dinokit depth IMAGE... -o DIR` = `dinokit depth predict ...`)")
     actions = depth.add_subparsers(dest="action", required=True, action=_PredictByDefault)
     train = actions.add_parser("train", help="train Meta's linear depth head (256 bins) with Meta's SigLoss")
-    _common_train(train, "depth")
+    _common_train(train, "depth", DEPTH_LR)
     train.add_argument("--depth-scale", type=float, default=1000.0,
                        help="depth PNG value per metre (1000: millimetres)")
     train.add_argument("--min-depth", type=float, default=0.001, help="smallest depth (m) of the bins and metrics")
@@ -103,7 +103,11 @@ def register(subparsers) -> None:
     actions.choices.open = True
 
 
-DEFAULT_LOSS_RESOLUTION = 7  # = dense.pixel_loss.DEFAULT_RESOLUTION (not imported: the CLI loads torch lazily)
+# The training defaults of dense.pixel_loss / dense.segment / dense.depth_train (not imported: the CLI loads torch
+# lazily; tests/test_dense_head_training.py holds them equal)
+DEFAULT_LOSS_RESOLUTION = 7
+SEGMENT_LR = 1e-3
+DEPTH_LR = 3e-3
 
 
 def _loss_resolution(text: str) -> int | None:
