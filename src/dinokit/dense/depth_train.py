@@ -84,9 +84,9 @@ def _predict(head: LinearDepthHead, features: DenseFeatures, batch: list[int], p
 
 def _check_broadcast_cls(head: LinearDepthHead, features: DenseFeatures) -> None:
     """`grid_logits` reads each level's CLS channels from the first patch: refuse features where they vary."""
-    width = head.conv_depth.in_channels // (2 * head.n_layers)
+    _, cls = head.patch_and_cls_channels()
     for i in range(len(features)):
-        tokens = features.tokens(i).view(-1, head.n_layers, 2, width)[:, :, 1]
+        tokens = features.tokens(i)[:, cls]
         if not torch.equal(tokens, tokens[:1].expand_as(tokens)):
             raise ValueError(f"features of {features.stems[i]!r} are not Meta's depth input (patch map and CLS "
                              "broadcast per block): delete the feature cache or pass --no-cache")

@@ -48,15 +48,18 @@ class LinearDepthHead(nn.Module):
         p = p / p.sum(dim=1, keepdim=True)
         return torch.einsum("bkhw,k->bhw", p, self.bins(logits.device).to(logits.dtype)).unsqueeze(1)
 
+    def patch_and_cls_channels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of `features`' patch-map channels and of its broadcast-CLS channels (each level: D patch, D CLS)."""
+        width = self.conv_depth.in_channels // (2 * self.n_layers)
+        patch = (torch.arange(self.n_layers)[:, None] * 2 * width + torch.arange(width)).flatten()
+        return patch, patch + width
+
     def grid_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """(h*w, 2D x layers) tokens of one image, `features`' channels on the patch grid -> (h*w, n_bins) logits
         of `conv_depth`. The CLS half of each level is the same at every patch, so its product with the weights
         is computed once and added like the bias: half the multiply-adds of the conv, the same function."""
         weight = self.conv_depth.weight.flatten(1)
-        width = weight.shape[1] // (2 * self.n_layers)
-        level = torch.arange(self.n_layers)[:, None] * 2 * width
-        patch = (level + torch.arange(width)).flatten()
-        cls = patch + width
+        patch, cls = self.patch_and_cls_channels()
         constant = F.linear(tokens[0, cls], weight[:, cls], self.conv_depth.bias)
         return torch.addmm(constant, tokens[:, patch], weight[:, patch].T)
 

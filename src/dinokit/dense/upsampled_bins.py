@@ -70,21 +70,28 @@ def upsampling_taps(h: int, w: int, factor: int, band_pixels: int = BAND_PIXELS)
     return UpsamplingTaps((h, w), size, index, weight, tuple(bands))
 
 
+def _upsampled_bands(logits, images):
+    """Per band of every image: (the band's rows in the stacked output, the image's slice of `logits`, the band,
+    its upsampled logits (pixels, K)); the forward pass and the backward's recomputation read the same bands."""
+    at = 0
+    for offset, taps in images:
+        grid = slice(offset, offset + taps.grid[0] * taps.grid[1])
+        weight = taps.weight.to(logits.dtype)
+        for band in taps.bands:
+            up = F.embedding_bag(taps.index[band.start:band.stop], logits[grid], mode="sum",
+                                 per_sample_weights=weight[band.start:band.stop])
+            yield slice(at + band.start, at + band.stop), grid, band, up
+        at += taps.index.shape[0]
+
+
 class _UpsampledBinSums(torch.autograd.Function):
-    """logits (sum h*w, K) of several images' grids -> (sum H*W, 2): relu(upsampled logits) @ rows.T per pixel."""
+    """logits (sum h*w, K) of several images' grids -> (sum H*W, R): relu(upsampled logits) @ rows.T per pixel."""
 
     @staticmethod
     def forward(ctx, logits, rows, images):
         out = logits.new_empty(sum(t.index.shape[0] for _, t in images), rows.shape[0])
-        at = 0
-        for offset, taps in images:
-            grid = logits[offset:offset + taps.grid[0] * taps.grid[1]]
-            index, weight = taps.index, taps.weight.to(logits.dtype)
-            for band in taps.bands:
-                up = F.embedding_bag(index[band.start:band.stop], grid, mode="sum",
-                                     per_sample_weights=weight[band.start:band.stop])
-                torch.mm(up.relu_(), rows.T, out=out[at + band.start:at + band.stop])
-            at += index.shape[0]
+        for pixels, _, _, up in _upsampled_bands(logits, images):
+            torch.mm(up.relu_(), rows.T, out=out[pixels])
         ctx.save_for_backward(logits, rows)
         ctx.images = images
         return out
@@ -93,20 +100,11 @@ class _UpsampledBinSums(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits, rows = ctx.saved_tensors
         grad = torch.zeros_like(logits)
-        at = 0
-        for offset, taps in ctx.images:
-            points = taps.grid[0] * taps.grid[1]
-            grid, grid_grad = logits[offset:offset + points], grad[offset:offset + points]
-            index, weight = taps.index, taps.weight.to(logits.dtype)
-            for band in taps.bands:
-                up = F.embedding_bag(index[band.start:band.stop], grid, mode="sum",
-                                     per_sample_weights=weight[band.start:band.stop])
-                up_grad = torch.ops.aten.threshold_backward(grad_out[at + band.start:at + band.stop] @ rows, up, 0.0)
-                grid_grad[band.lo:band.hi] += F.embedding_bag(band.pixels, up_grad, band.offsets, mode="sum",
-                                                              per_sample_weights=band.weights.to(logits.dtype))
-            at += index.shape[0]
+        for pixels, grid, band, up in _upsampled_bands(logits, ctx.images):
+            up_grad = torch.ops.aten.threshold_backward(grad_out[pixels] @ rows, up, 0.0)
+            grad[grid][band.lo:band.hi] += F.embedding_bag(band.pixels, up_grad, band.offsets, mode="sum",
+                                                           per_sample_weights=band.weights.to(logits.dtype))
         return grad, None, None
-
 
 
 def upsampled_bin_sums(logits: torch.Tensor, grids: list[tuple[int, int]], factor: int, rows: torch.Tensor,
